@@ -1,0 +1,70 @@
+"""SegAnyPET Label: the MONAI Label app. Wires library pieces to the server; the work is in segany_pet."""
+
+import logging
+import os
+
+from monailabel.config import settings
+from monailabel.datastore.local import LocalDatastore
+from monailabel.interfaces.app import MONAILabelApp
+from monailabel.tasks.activelearning.first import First
+from monailabel.tasks.activelearning.random import Random
+
+import segany_pet
+from segany_pet.errors import UnknownImageError
+from segany_pet.label.infer import LESION_LABELS, SUVThresholdInfer
+from segany_pet.pet import VolumeCache
+
+logger = logging.getLogger(__name__)
+
+
+class SegAnyPETApp(MONAILabelApp):
+    """Conf (``--conf key value``): ``threshold_method`` default method of ``suv_threshold``
+    (relative_41, relative_50, fixed_2.5, fixed_4.0); ``volume_cache`` scans kept in memory (4)."""
+
+    def __init__(self, app_dir, studies, conf):
+        self.volumes = VolumeCache(capacity=int(conf.get("volume_cache", 4)))
+        super().__init__(
+            app_dir=app_dir,
+            studies=studies,
+            conf=conf,
+            name="SegAnyPET Label",
+            description="Promptable 3D segmentation of whole-body PET (FDG, PSMA)",
+            version=segany_pet.__version__,
+            labels=LESION_LABELS,
+        )
+
+    def init_datastore(self):
+        if self.studies.startswith(("http://", "https://")):
+            return super().init_datastore()
+        # Only NIfTI: MONAI Label's default list (PNG, SVS, ...) would show files no task can read.
+        return LocalDatastore(
+            self.studies,
+            extensions=("*.nii.gz", "*.nii"),
+            auto_reload=settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD,
+            read_only=settings.MONAI_LABEL_DATASTORE_READ_ONLY,
+        )
+
+    def init_infers(self):
+        method = self.conf.get("threshold_method", "relative_41")
+        return {"suv_threshold": SUVThresholdInfer(default_method=method, volumes=self.volumes)}
+
+    def init_strategies(self):
+        return {"random": Random(), "first": First()}
+
+    def on_init_complete(self):
+        super().on_init_complete()
+        # Only the server has a FastAPI app; training/scoring subprocesses build this class too.
+        from monailabel.app import app as fastapi_app
+
+        from segany_pet.label.server import install_error_handlers
+
+        install_error_handlers(fastapi_app)
+
+    def infer(self, request, datastore=None):
+        image = request.get("image")
+        if isinstance(image, str) and image and not os.path.exists(image):
+            if not (datastore or self.datastore()).get_image_uri(image):
+                raise UnknownImageError(
+                    f"image {image!r} is not in the datastore; GET /datastore/?output=all lists the image ids"
+                )
+        return super().infer(request, datastore)

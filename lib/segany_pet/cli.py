@@ -1,0 +1,101 @@
+"""``segany-pet``: one command line for the project's stages.
+
+    segany-pet phantom --out DIR [--cases N] [--tracer fdg|psma|mixed] [--grid 4mm|autopet]
+    segany-pet noise --cohort DIR [--rate 0.4]
+    segany-pet serve --studies DIR [--port 8000] [--conf key value ...]
+    segany-pet demo [--dir demo] [--cases 12] [--port 8000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+APP_DIR = REPO_ROOT / "apps" / "segany_pet"
+
+
+def server_command(studies: str | os.PathLike, port: int = 8000, host: str = "127.0.0.1", conf=()) -> list[str]:
+    """The MONAI Label start command for this app, run with this interpreter (not whatever is on PATH)."""
+    command = [sys.executable, "-m", "monailabel.main", "start_server", "--app", str(APP_DIR)]
+    command += ["--studies", str(studies), "--host", host, "--port", str(port)]
+    for key, value in conf:
+        command += ["--conf", key, str(value)]
+    return command
+
+
+def _phantom(args) -> int:
+    from segany_pet.phantom import write_cohort
+
+    cases = write_cohort(args.out, args.cases, tracer=args.tracer, grid=args.grid, seed=args.seed)
+    print(f"wrote {len(cases)} cases to {Path(args.out) / 'images'} (ground truth in {Path(args.out) / 'truth'})")
+    return 0
+
+
+def _noise(args) -> int:
+    from segany_pet.phantom import write_noisy_labels
+
+    out = args.out or Path(args.cohort) / "noisy_labels"
+    records = write_noisy_labels(args.cohort, out, rate=args.rate, seed=args.seed)
+    corrupted = sum(1 for record in records.values() if record["corrupted"])
+    print(f"wrote {len(records)} labels to {out}; {corrupted} corrupted (records in noise_records.json)")
+    return 0
+
+
+def _serve(args) -> int:
+    command = server_command(args.studies, args.port, args.host, args.conf or ())
+    os.execv(command[0], command)
+
+
+def _demo(args) -> int:
+    from segany_pet.phantom import write_cohort
+
+    images = Path(args.dir) / "images"
+    if not images.is_dir() or not any(images.glob("*.nii.gz")):
+        print(f"building a demo cohort of {args.cases} synthetic whole-body PET scans in {args.dir} ...")
+        write_cohort(args.dir, args.cases, tracer="mixed", grid="4mm", seed=args.seed)
+    print(f"serving {images} at http://{args.host}:{args.port} (OHIF viewer needs a DICOMweb datastore)")
+    command = server_command(images, args.port, args.host)
+    os.execv(command[0], command)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="segany-pet", description=__doc__.split("\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    phantom = commands.add_parser("phantom", help="write a synthetic whole-body PET cohort")
+    phantom.add_argument("--out", required=True, help="output folder (images/ and truth/ inside)")
+    phantom.add_argument("--cases", type=int, default=10)
+    phantom.add_argument("--tracer", choices=["fdg", "psma", "mixed"], default="mixed")
+    phantom.add_argument("--grid", choices=["4mm", "autopet"], default="4mm")
+    phantom.add_argument("--seed", type=int, default=0)
+    phantom.set_defaults(run=_phantom)
+
+    noise = commands.add_parser("noise", help="write low-quality labels from a cohort's ground truth")
+    noise.add_argument("--cohort", required=True, help="a folder written by 'segany-pet phantom'")
+    noise.add_argument("--out", help="output folder (default: COHORT/noisy_labels)")
+    noise.add_argument("--rate", type=float, default=0.4, help="share of cases corrupted")
+    noise.add_argument("--seed", type=int, default=0)
+    noise.set_defaults(run=_noise)
+
+    for name, run, text in (("serve", _serve, "serve a folder of SUV NIfTI files"), ("demo", _demo, None)):
+        sub = commands.add_parser(name, help=text or "build a demo cohort if missing, then serve it")
+        sub.add_argument("--port", type=int, default=8000)
+        sub.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to serve other machines")
+        sub.set_defaults(run=run)
+        if name == "serve":
+            sub.add_argument("--studies", required=True, help="folder of SUV NIfTI images")
+            sub.add_argument("--conf", nargs=2, action="append", metavar=("KEY", "VALUE"))
+        else:
+            sub.add_argument("--dir", default="demo", help="where the demo cohort lives")
+            sub.add_argument("--cases", type=int, default=12)
+            sub.add_argument("--seed", type=int, default=0)
+
+    args = parser.parse_args(argv)
+    return args.run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

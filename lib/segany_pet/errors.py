@@ -1,0 +1,21 @@
+"""Errors that reach a user: each message says what to fix."""
+
+
+class UserInputError(ValueError):
+    """Bad input from a client or a file; the server answers it with a 4xx."""
+
+    status_code = 422
+
+
+class InvalidImageError(UserInputError):
+    """An image that is unreadable, not 3D, not finite or not PET-like."""
+
+
+class PromptError(UserInputError):
+    """A click or box that cannot be used (outside the volume, wrong type, none given)."""
+
+
+class UnknownImageError(UserInputError):
+    """An image id that the datastore does not hold."""
+
+    status_code = 404

@@ -1,0 +1,300 @@
+"""The classical seeded threshold methods annotators compare a model against.
+
+From each lesion click a region grows as the 26-connected part of ``SUV >= threshold`` that holds the
+click, with the threshold either fixed (SUV 2.5, 4.0) or relative to the lesion's SUVmax (41 % as in
+the EANM guideline, or 50 %). Clicks are voxel indices ``[i, j, k]`` of the stored image.
+
+Choices, each a compromise a human annotator makes too:
+- Local SUVmax: the maximum within ``search_radius_mm`` (10 mm) of the click, so a click near but not
+  on the hottest voxel works. For relative thresholds it is then refined: if the grown region holds a
+  hotter voxel, the threshold is recomputed from that (the EANM threshold refers to the whole lesion's
+  SUVmax), as long as the click's seed stays above it, so leaking into a hot organ does not make the
+  lesion vanish.
+- Seed: the click, or the local-max voxel when the click itself is below the threshold. A fixed
+  threshold above the local SUVmax gives an empty region for that click, with a note saying why.
+- Background clicks: while a region holds one, its threshold rises in steps of 1 % of the local SUVmax
+  (the lowest such step that excludes it, found by bisection since a higher threshold only shrinks the
+  region); if only the local SUVmax itself would exclude it, the region is left empty.
+- Size guard: growth is confined to a box of ``max_extent_mm`` (150 mm) centred on the click, so a
+  fixed 2.5 threshold touching the liver cannot flood the body; a region cut by that box says so in its
+  note. Working in that box also keeps each click fast on a whole-body grid.
+"""
+
+from __future__ import annotations
+
+import logging
+import numbers
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import ndimage
+
+from segany_pet.errors import PromptError, UserInputError
+from segany_pet.pet.quantify import LESION_CONNECTIVITY, sphere_kernel
+
+log = logging.getLogger(__name__)
+
+METHODS = {
+    "relative_41": "41% of the lesion SUVmax (EANM guideline)",
+    "relative_50": "50% of the lesion SUVmax",
+    "fixed_2.5": "fixed threshold SUV >= 2.5",
+    "fixed_4.0": "fixed threshold SUV >= 4.0",
+}
+_RULES = {
+    "relative_41": ("relative", 0.41),
+    "relative_50": ("relative", 0.50),
+    "fixed_2.5": ("fixed", 2.5),
+    "fixed_4.0": ("fixed", 4.0),
+}
+SEARCH_RADIUS_MM = 10.0
+MAX_EXTENT_MM = 150.0
+THRESHOLD_STEP = 0.01  # background-click threshold increments, as a fraction of the local SUVmax
+_MAX_REFINEMENTS = 10
+
+
+@dataclass
+class ClickRegion:
+    """The region grown from one lesion click, stored as a mask over ``box`` of the volume."""
+
+    click: tuple[int, int, int]
+    box: tuple[slice, slice, slice]
+    mask: np.ndarray  # bool, shape of the box
+    suvmax: float  # the local SUVmax the threshold refers to
+    threshold: float
+    note: str = ""  # why the region is empty or cut off; empty when all went as expected
+
+    @property
+    def voxels(self) -> int:
+        return int(self.mask.sum())
+
+
+def segment_from_clicks(
+    suv: np.ndarray,
+    spacing: tuple[float, float, float],
+    foreground,
+    background=(),
+    method: str = "relative_41",
+    *,
+    search_radius_mm: float = SEARCH_RADIUS_MM,
+    max_extent_mm: float = MAX_EXTENT_MM,
+) -> np.ndarray:
+    """Union of the regions grown from each lesion click: a uint8 mask (0/1) on the SUV grid."""
+    regions = regions_from_clicks(
+        suv,
+        spacing,
+        foreground,
+        background,
+        method,
+        search_radius_mm=search_radius_mm,
+        max_extent_mm=max_extent_mm,
+    )
+    mask = np.zeros(np.shape(suv), dtype=np.uint8)
+    for region in regions:
+        mask[region.box][region.mask] = 1
+        if region.note:
+            log.info("%s click %s: %s", method, list(region.click), region.note)
+    return mask
+
+
+def regions_from_clicks(
+    suv: np.ndarray,
+    spacing: tuple[float, float, float],
+    foreground,
+    background=(),
+    method: str = "relative_41",
+    *,
+    search_radius_mm: float = SEARCH_RADIUS_MM,
+    max_extent_mm: float = MAX_EXTENT_MM,
+) -> list[ClickRegion]:
+    """One :class:`ClickRegion` per lesion click, with the threshold used and a note when it failed."""
+    suv = np.asarray(suv)
+    if suv.ndim != 3:
+        raise UserInputError(f"SUV image must be 3D, got shape {suv.shape}")
+    if method not in _RULES:
+        raise UserInputError(f"unknown threshold method {method!r}; choose one of {', '.join(METHODS)}")
+    spacing = tuple(float(s) for s in spacing)
+    if len(spacing) != 3 or not all(s > 0 for s in spacing):
+        raise UserInputError(f"voxel spacing {spacing!r} must be three positive sizes in mm")
+    lesion_clicks = parse_clicks(foreground, suv.shape, "lesion")
+    background_clicks = parse_clicks(background, suv.shape, "background")
+    if not lesion_clicks:
+        raise PromptError("no lesion click given: click at least once on the lesion")
+    both = set(lesion_clicks) & set(background_clicks)
+    if both:
+        raise PromptError(
+            f"click {list(min(both))} is both a lesion and a background click; remove one of them"
+        )
+    return [
+        _grow(suv, spacing, click, background_clicks, _RULES[method], search_radius_mm, max_extent_mm)
+        for click in lesion_clicks
+    ]
+
+
+def parse_clicks(clicks, shape: tuple[int, ...], kind: str) -> list[tuple[int, int, int]]:
+    """Check clicks are ``[[i, j, k], ...]`` voxel indices inside ``shape``; PromptError says what's wrong."""
+    if clicks is None:
+        return []
+    if isinstance(clicks, np.ndarray):
+        clicks = clicks.tolist()
+    extent = ", ".join(f"0..{n - 1}" for n in shape)
+    where = f"the volume has shape {tuple(shape)}, so indices run {extent}"
+    if isinstance(clicks, str | bytes) or not hasattr(clicks, "__iter__"):
+        raise PromptError(f"{kind} clicks must be a list of [i, j, k] voxel indices, got {clicks!r}")
+    clicks = list(clicks)
+    if clicks and all(_is_number(value) for value in clicks):
+        raise PromptError(
+            f"{kind} clicks {clicks!r} look like a single click: send a list of clicks, e.g. [{clicks!r}]"
+        )
+    parsed = []
+    for number, click in enumerate(clicks, start=1):
+        label = f"{kind} click #{number} {click!r}"
+        if isinstance(click, np.ndarray):
+            click = click.tolist()
+        if isinstance(click, str | bytes) or not isinstance(click, list | tuple) or len(click) != 3:
+            raise PromptError(f"{label} must be three voxel indices [i, j, k]")
+        index = []
+        for value in click:
+            if not _is_number(value) or not np.isfinite(value) or float(value) != int(value):
+                raise PromptError(f"{label}: {value!r} is not a whole voxel index; send integer [i, j, k]")
+            index.append(int(value))
+        if any(i < 0 or i >= n for i, n in zip(index, shape, strict=True)):
+            raise PromptError(
+                f"{label} is outside the volume: {where} (clicks are voxel indices, not millimetres)"
+            )
+        parsed.append(tuple(index))
+    return parsed
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool | np.bool_)
+
+
+def _grow(suv, spacing, click, background, rule, search_radius_mm, max_extent_mm) -> ClickRegion:
+    box = _box_around(click, suv.shape, spacing, max_extent_mm)
+    origin = np.array([s.start for s in box])
+    crop = suv[box]
+    seed_click = tuple(int(x) for x in np.subtract(click, origin))
+    blockers = [
+        tuple(int(x) for x in b - origin)
+        for b in np.array(background, dtype=int).reshape(-1, 3)
+        if all(0 <= x < n for x, n in zip(b - origin, crop.shape, strict=True))
+    ]
+    peak_voxel, peak = _local_max(crop, seed_click, spacing, search_radius_mm)
+    kind, value = rule
+    threshold = value * peak if kind == "relative" else value
+
+    def result(mask, note=""):
+        return ClickRegion(click, box, mask, peak, threshold, note)
+
+    empty = np.zeros(crop.shape, dtype=bool)
+    if peak <= 0:
+        return result(empty, f"no uptake within {search_radius_mm:g} mm of the click: nothing to segment")
+    if peak < threshold:
+        return result(
+            empty,
+            f"the highest SUV within {search_radius_mm:g} mm of the click is {peak:.2f}, below the "
+            f"threshold {threshold:g}: nothing to segment here",
+        )
+
+    def seed_at(t):
+        return seed_click if crop[seed_click] >= t else peak_voxel
+
+    region = _component(crop, seed_at(threshold), threshold)
+
+    if blockers and _holds_any(region, blockers):
+        step = THRESHOLD_STEP * peak
+        candidates = threshold + step * np.arange(1, int(np.ceil((peak - threshold) / step)))
+        candidates = candidates[candidates < peak]
+        lo, hi = -1, len(candidates)  # candidates[lo] still holds a background click; hi = give up
+        best = None
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            trial = _component(crop, seed_at(candidates[mid]), candidates[mid], within=region)
+            if _holds_any(trial, blockers):
+                lo = mid
+            else:
+                hi, best = mid, trial
+        if best is None:
+            return result(
+                empty,
+                f"a background click cannot be separated from the lesion below its SUVmax {peak:.2f}; "
+                "move the background click off the lesion",
+            )
+        threshold, region = float(candidates[hi]), best
+
+    if kind == "relative":
+        for _ in range(_MAX_REFINEMENTS):
+            hottest = float(crop[region].max())
+            refined = value * hottest
+            seed = seed_at(threshold)
+            if hottest <= peak or refined <= threshold:
+                break
+            if crop[seed] < refined:
+                break  # the click would drop out: the region leaks into something hotter; keep it
+            peak, threshold = hottest, refined
+            region = _component(crop, seed, threshold, within=region)
+
+    note = ""
+    if _cut_by_box(region, box, suv.shape):
+        note = (
+            f"the region reached the {max_extent_mm:g} mm growth limit around the click and is cut "
+            "there: it probably leaks into an organ; add a background click or use a relative threshold"
+        )
+    return result(region, note)
+
+
+def _box_around(click, shape, spacing, extent_mm) -> tuple[slice, slice, slice]:
+    half = [max(int(round(extent_mm / 2 / s)), 1) for s in spacing]
+    return tuple(slice(max(c - h, 0), min(c + h + 1, n)) for c, h, n in zip(click, half, shape, strict=True))
+
+
+def _local_max(crop, centre, spacing, radius_mm) -> tuple[tuple[int, int, int], float]:
+    """Hottest voxel within the radius of ``centre``; among equals, the one closest to it."""
+    ball = sphere_kernel(spacing, radius_mm)
+    half = [n // 2 for n in ball.shape]
+    lo = [max(c - h, 0) for c, h in zip(centre, half, strict=True)]
+    hi = [min(c + h + 1, n) for c, h, n in zip(centre, half, crop.shape, strict=True)]
+    ball = ball[tuple(slice(a - c + h, b - c + h) for a, b, c, h in zip(lo, hi, centre, half, strict=True))]
+    values = np.where(ball, crop[tuple(slice(a, b) for a, b in zip(lo, hi, strict=True))], -np.inf)
+    peak = float(values.max())
+    candidates = np.argwhere(values == peak) + lo
+    distance = (((candidates - centre) * spacing) ** 2).sum(axis=1)
+    return tuple(int(x) for x in candidates[int(np.argmin(distance))]), peak
+
+
+def _component(crop, seed, threshold, within=None) -> np.ndarray:
+    """The 26-connected part of ``crop >= threshold`` holding ``seed``.
+
+    ``within`` is a region known to contain the answer (the same seed at a lower threshold), so only
+    its bounding box needs labelling.
+    """
+    if within is not None and within[seed]:
+        (sub,) = ndimage.find_objects(within.astype(np.uint8))
+    else:
+        sub = tuple(slice(0, n) for n in crop.shape)
+    region = np.zeros(crop.shape, dtype=bool)
+    if crop[seed] < threshold:
+        return region
+    labels, _ = ndimage.label(crop[sub] >= threshold, structure=LESION_CONNECTIVITY)
+    local_seed = tuple(c - s.start for c, s in zip(seed, sub, strict=True))
+    region[sub] = labels == labels[local_seed]
+    return region
+
+
+def _holds_any(region, voxels) -> bool:
+    return any(region[v] for v in voxels)
+
+
+def _cut_by_box(region, box, shape) -> bool:
+    """True when the region touches a face of the growth box that is not the volume's own edge."""
+    for axis, (s, n) in enumerate(zip(box, shape, strict=True)):
+        face = [slice(None)] * 3
+        if s.start > 0:
+            face[axis] = 0
+            if region[tuple(face)].any():
+                return True
+        if s.stop < n:
+            face[axis] = -1
+            if region[tuple(face)].any():
+                return True
+    return False

@@ -1,0 +1,1 @@
+"""MONAI Label adapters: infer tasks and server glue. Thin: they call the library."""

@@ -1,0 +1,137 @@
+"""A PET volume: SUV array, its affine and metadata, read from and written to NIfTI.
+
+Frames: arrays are indexed in the stored order of the file, ``suv[i, j, k]``; ``affine`` maps
+voxel index (i, j, k, 1) to world millimetres in RAS+ (NIfTI convention). Clients (OHIF, Slicer)
+send clicks as voxel indices of this stored array.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import nibabel as nib
+import nrrd
+import numpy as np
+
+from segany_pet.errors import InvalidImageError
+
+# Above this a "SUV" image almost surely holds raw Bq/mL (whole-body lesion SUVs stay below ~400).
+MAX_PLAUSIBLE_SUV = 1000.0
+
+
+@dataclass
+class PETVolume:
+    suv: np.ndarray  # float32, stored axis order
+    affine: np.ndarray  # 4x4, voxel index -> world mm (RAS+)
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(int(n) for n in self.suv.shape)
+
+    @property
+    def spacing(self) -> tuple[float, float, float]:
+        """Voxel size in mm along the stored axes."""
+        return tuple(float(s) for s in np.linalg.norm(self.affine[:3, :3], axis=0))
+
+    @property
+    def voxel_volume_ml(self) -> float:
+        return float(abs(np.linalg.det(self.affine[:3, :3]))) / 1000.0
+
+    def index_to_world(self, ijk) -> np.ndarray:
+        ijk = np.asarray(ijk, dtype=float)
+        return ijk @ self.affine[:3, :3].T + self.affine[:3, 3]
+
+
+def load_nifti(path: str | os.PathLike) -> PETVolume:
+    """Read a 3D SUV NIfTI, refusing what would give meaningless SUV numbers."""
+    name = os.path.basename(str(path))
+    try:
+        image = nib.load(str(path))
+        data = np.asanyarray(image.dataobj)
+    except Exception as exc:  # nibabel raises many types for damaged files
+        raise InvalidImageError(f"{name}: cannot be read as NIfTI ({exc}); replace the file") from exc
+    data = np.squeeze(data) if data.ndim > 3 else data
+    if data.ndim != 3:
+        raise InvalidImageError(
+            f"{name}: PET image must be a 3D volume, got shape {tuple(data.shape)}; "
+            "split 4D/dynamic series into 3D frames"
+        )
+    if min(data.shape) < 2:
+        raise InvalidImageError(f"{name}: volume of shape {data.shape} is too small to segment")
+    suv = np.asarray(data, dtype=np.float32)
+    finite = np.isfinite(suv)
+    if not finite.all():
+        share = 1.0 - finite.mean()
+        raise InvalidImageError(
+            f"{name}: {share:.1%} of voxels are NaN or infinite; re-export the SUV image "
+            "(NaN usually marks voxels outside the reconstructed field of view)"
+        )
+    peak = float(suv.max())
+    if peak > MAX_PLAUSIBLE_SUV:
+        raise InvalidImageError(
+            f"{name}: maximum value {peak:.4g} is not a plausible SUV; the image looks like "
+            "raw activity (Bq/mL): convert it to SUV first"
+        )
+    if peak <= 0:
+        raise InvalidImageError(f"{name}: image holds no positive uptake (max {peak:.4g}); is it a PET?")
+    affine = np.asarray(image.affine, dtype=float)
+    if abs(np.linalg.det(affine[:3, :3])) < 1e-9:
+        raise InvalidImageError(f"{name}: affine is singular; fix the NIfTI header (pixdim / qform)")
+    return PETVolume(suv=suv, affine=affine, meta={"source": str(path)})
+
+
+def save_nifti(array: np.ndarray, affine: np.ndarray, path: str | os.PathLike) -> None:
+    """Write an array on the given grid; the header keeps both qform and sform."""
+    image = nib.Nifti1Image(array, affine)
+    image.set_qform(affine, code=1)
+    image.set_sform(affine, code=1)
+    nib.save(image, str(path))
+
+
+def save_mask(mask: np.ndarray, affine: np.ndarray, path: str | os.PathLike, compress: bool = True) -> None:
+    """Write a label on the image's own grid: NRRD (OHIF, Slicer) or NIfTI, chosen by extension."""
+    path = str(path)
+    if path.endswith(".nrrd"):
+        header = {
+            "space": "right-anterior-superior",
+            # NRRD lists one direction vector per axis: the affine's columns
+            "space directions": affine[:3, :3].T.tolist(),
+            "space origin": affine[:3, 3].tolist(),
+            "kinds": ["domain", "domain", "domain"],
+            "encoding": "gzip" if compress else "raw",
+        }
+        nrrd.write(path, np.ascontiguousarray(mask), header, index_order="F")
+    elif path.endswith((".nii", ".nii.gz")):
+        save_nifti(mask, affine, path)
+    else:
+        raise ValueError(f"unsupported label format for {os.path.basename(path)}: use .nrrd or .nii.gz")
+
+
+class VolumeCache:
+    """Keeps the last few volumes in memory so repeated clicks on a scan skip reading it.
+
+    Keyed on path, size and modification time, so a replaced file is read again.
+    """
+
+    def __init__(self, capacity: int = 4):
+        self.capacity = capacity
+        self._items: OrderedDict[tuple, PETVolume] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def load(self, path: str | os.PathLike) -> PETVolume:
+        stat = os.stat(path)
+        key = (os.path.realpath(path), stat.st_size, stat.st_mtime_ns)
+        with self._lock:
+            if key in self._items:
+                self._items.move_to_end(key)
+                return self._items[key]
+        volume = load_nifti(path)
+        with self._lock:
+            self._items[key] = volume
+            while len(self._items) > self.capacity:
+                self._items.popitem(last=False)
+        return volume

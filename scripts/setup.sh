@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Set up SegAnyPET Label from scratch: a virtualenv in .venv with the pinned requirements and the
+# project installed in editable mode. Safe to re-run.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON=${PYTHON:-python3.11}
+command -v "$PYTHON" >/dev/null || PYTHON=python3
+"$PYTHON" -c 'import sys; assert sys.version_info[:2] == (3, 11), "SegAnyPET Label needs Python 3.11"'
+
+[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+.venv/bin/pip install --quiet -r requirements.txt
+.venv/bin/pip install --quiet --no-deps -e .
+.venv/bin/pip check
+.venv/bin/python -c "import monailabel, segany_pet; print('SegAnyPET Label', segany_pet.__version__, 'ready in .venv')"

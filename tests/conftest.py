@@ -1,0 +1,75 @@
+"""Shared fixtures: a small synthetic cohort with deliberately bad files, and a real server on it."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import requests
+
+from segany_pet.cli import server_command
+from segany_pet.phantom import write_cohort
+from support import BAD_IMAGES
+
+def _write_bad_images(folder: Path) -> None:
+    (folder / "corrupt_file.nii.gz").write_bytes(b"\x1f\x8b this is not a NIfTI file" + bytes(range(256)))
+    affine = np.diag([4.0, 4.0, 4.0, 1.0])
+    dynamic = np.ones((16, 16, 16, 3), dtype=np.float32)
+    nib.save(nib.Nifti1Image(dynamic, affine), folder / "dynamic_4d.nii.gz")
+    nan_filled = np.full((16, 16, 16), np.nan, dtype=np.float32)
+    nib.save(nib.Nifti1Image(nan_filled, affine), folder / "nan_filled.nii.gz")
+    raw = np.full((16, 16, 16), 12000.0, dtype=np.float32)
+    nib.save(nib.Nifti1Image(raw, affine), folder / "raw_bq_per_ml.nii.gz")
+
+
+@pytest.fixture(scope="session")
+def cohort(tmp_path_factory) -> Path:
+    """Three FDG and PSMA 4 mm phantoms (ground truth in truth/) plus the bad files in images/."""
+    root = tmp_path_factory.mktemp("cohort")
+    write_cohort(root, 3, tracer="mixed", grid="4mm", seed=7, progress=False)
+    _write_bad_images(root / "images")
+    return root
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def server(cohort, tmp_path_factory) -> str:
+    """A real MONAI Label server subprocess on 127.0.0.1 serving the cohort; yields its URL."""
+    port = _free_port()
+    log_path = tmp_path_factory.mktemp("server") / "server.log"
+    env = dict(os.environ, MONAI_LABEL_DATASTORE_AUTO_RELOAD="false")
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(
+            server_command(cohort / "images", port=port), stdout=log, stderr=subprocess.STDOUT, env=env
+        )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            pytest.fail(f"server exited with {process.returncode}:\n{log_path.read_text()[-4000:]}")
+        try:
+            if requests.get(f"{url}/info/", timeout=2).status_code == 200:
+                break
+        except requests.ConnectionError:
+            pass
+        time.sleep(0.3)
+    else:
+        process.kill()
+        pytest.fail(f"server did not answer within 180 s:\n{log_path.read_text()[-4000:]}")
+    yield url
+    process.terminate()
+    try:
+        process.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        process.kill()
