@@ -15,7 +15,7 @@ import requests
 
 from segany_pet.cli import server_command
 from segany_pet.phantom import write_cohort
-from support import BAD_IMAGES
+
 
 def _write_bad_images(folder: Path) -> None:
     (folder / "corrupt_file.nii.gz").write_bytes(b"\x1f\x8b this is not a NIfTI file" + bytes(range(256)))

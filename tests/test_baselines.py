@@ -1,6 +1,7 @@
 import numpy as np
 import pytest
 from scipy import ndimage
+
 from segany_pet.errors import PromptError, UserInputError
 from segany_pet.evaluate import METHODS, regions_from_clicks, segment_from_clicks
 

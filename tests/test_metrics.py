@@ -1,5 +1,6 @@
 import numpy as np
 import pytest
+
 from segany_pet.evaluate import dice, false_negative_volume, false_positive_volume, lesion_dice
 
 SHAPE = (12, 12, 12)

@@ -2,6 +2,7 @@ import json
 
 import numpy as np
 import pytest
+
 from segany_pet.errors import UserInputError
 from segany_pet.pet.quantify import label_lesions, quantify, sphere_kernel
 

@@ -12,22 +12,26 @@ import pytest
 import requests
 from monailabel.client import MONAILabelClient
 
-from support import BAD_IMAGES, case_truth
 from segany_pet.evaluate.metrics import lesion_dice
+from segany_pet.label.infer import OHIF_RESULT_PARAMS
+from support import BAD_IMAGES, case_truth
 
 pytestmark = pytest.mark.server
 
 MODEL = "suv_threshold"
-OHIF_PARAMS = {"result_extension": ".nrrd", "result_dtype": "uint8", "result_compress": False, "restore_label_idx": False}
 
 
 @pytest.fixture(scope="module")
 def isolated_lesion(cohort):
-    """The largest lesion that touches no organ, in the first case that has one."""
+    """The largest well-contrasted lesion outside organs, in the first case that has one."""
     for json_path in sorted((cohort / "truth").glob("*.json")):
         case = json_path.stem
         info, instances = case_truth(cohort, case)
-        isolated = [lesion for lesion in info["lesions"] if not lesion["touches"] and lesion["volume_ml"] >= 1.0]
+        isolated = [
+            lesion
+            for lesion in info["lesions"]
+            if not lesion["touches"] and lesion["site"] in ("lymph node", "bone", "lung") and lesion["suvmax"] >= 5
+        ]
         if isolated:
             lesion = max(isolated, key=lambda item: item["volume_ml"])
             return case, lesion, instances
@@ -64,7 +68,7 @@ def test_next_sample_serves_an_image_of_the_datastore(server, cohort):
 
 def test_ohif_click_returns_nrrd_on_the_image_grid(server, cohort, isolated_lesion):
     case, lesion, instances = isolated_lesion
-    params = {"foreground": [lesion["centre_voxel"]], "background": [], **OHIF_PARAMS}
+    params = {"foreground": [lesion["centre_voxel"]], "background": [], **OHIF_RESULT_PARAMS}
     response = ohif_infer(server, case, json.dumps(params))
     assert response.status_code == 200, response.text
 
@@ -123,8 +127,8 @@ def test_save_final_label_marks_the_image_labeled(server, cohort, isolated_lesio
         ({"foreground": [[-1, 5, 5]]}, 422, "outside"),
         ({"foreground": []}, 422, "click"),
         ({}, 422, "click"),
-        ({"foreground": "lesion please"}, 422, "foreground"),
-        ({"foreground": [[1.5, "a", None]]}, 422, "foreground"),
+        ({"foreground": "lesion please"}, 422, "list of [i, j, k]"),
+        ({"foreground": [[1.5, "a", None]]}, 422, "whole voxel index"),
         ({"foreground": [[20, 20, 20]], "roi": [30, 10, 0, 5, 0, 5]}, 422, "roi"),
         ({"foreground": [[20, 20, 20]], "method": "otsu"}, 422, "method"),
         ({"foreground": [[20, 20, 20]], "result_extension": ".png"}, 422, "result_extension"),

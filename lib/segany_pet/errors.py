@@ -19,3 +19,7 @@ class UnknownImageError(UserInputError):
     """An image id that the datastore does not hold."""
 
     status_code = 404
+
+
+class CheckpointError(RuntimeError):
+    """A weights file that is missing, damaged or does not fit the model; the message names the keys."""

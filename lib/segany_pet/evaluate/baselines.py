@@ -23,7 +23,6 @@ Choices, each a compromise a human annotator makes too:
 from __future__ import annotations
 
 import logging
-import numbers
 from dataclasses import dataclass
 
 import numpy as np
@@ -31,6 +30,7 @@ from scipy import ndimage
 
 from segany_pet.errors import PromptError, UserInputError
 from segany_pet.pet.quantify import LESION_CONNECTIVITY, sphere_kernel
+from segany_pet.prompts import parse_clicks
 
 log = logging.getLogger(__name__)
 
@@ -128,45 +128,6 @@ def regions_from_clicks(
         _grow(suv, spacing, click, background_clicks, _RULES[method], search_radius_mm, max_extent_mm)
         for click in lesion_clicks
     ]
-
-
-def parse_clicks(clicks, shape: tuple[int, ...], kind: str) -> list[tuple[int, int, int]]:
-    """Check clicks are ``[[i, j, k], ...]`` voxel indices inside ``shape``; PromptError says what's wrong."""
-    if clicks is None:
-        return []
-    if isinstance(clicks, np.ndarray):
-        clicks = clicks.tolist()
-    extent = ", ".join(f"0..{n - 1}" for n in shape)
-    where = f"the volume has shape {tuple(shape)}, so indices run {extent}"
-    if isinstance(clicks, str | bytes) or not hasattr(clicks, "__iter__"):
-        raise PromptError(f"{kind} clicks must be a list of [i, j, k] voxel indices, got {clicks!r}")
-    clicks = list(clicks)
-    if clicks and all(_is_number(value) for value in clicks):
-        raise PromptError(
-            f"{kind} clicks {clicks!r} look like a single click: send a list of clicks, e.g. [{clicks!r}]"
-        )
-    parsed = []
-    for number, click in enumerate(clicks, start=1):
-        label = f"{kind} click #{number} {click!r}"
-        if isinstance(click, np.ndarray):
-            click = click.tolist()
-        if isinstance(click, str | bytes) or not isinstance(click, list | tuple) or len(click) != 3:
-            raise PromptError(f"{label} must be three voxel indices [i, j, k]")
-        index = []
-        for value in click:
-            if not _is_number(value) or not np.isfinite(value) or float(value) != int(value):
-                raise PromptError(f"{label}: {value!r} is not a whole voxel index; send integer [i, j, k]")
-            index.append(int(value))
-        if any(i < 0 or i >= n for i, n in zip(index, shape, strict=True)):
-            raise PromptError(
-                f"{label} is outside the volume: {where} (clicks are voxel indices, not millimetres)"
-            )
-        parsed.append(tuple(index))
-    return parsed
-
-
-def _is_number(value) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool | np.bool_)
 
 
 def _grow(suv, spacing, click, background, rule, search_radius_mm, max_extent_mm) -> ClickRegion:

@@ -17,13 +17,19 @@ from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 
 from segany_pet.errors import PromptError
 from segany_pet.evaluate.baselines import METHODS, segment_from_clicks
-from segany_pet.pet import VolumeCache, save_mask
-from segany_pet.pet.quantify import quantify
+from segany_pet.pet import VolumeCache, quantify, save_mask
 
 logger = logging.getLogger(__name__)
 
 LESION_LABELS = {"lesion": 1}
 RESULT_EXTENSIONS = (".nii.gz", ".nii", ".nrrd")
+# What OHIF v3's MONAI Label panel adds to every point-prompt request (its wire format, for clients and tests).
+OHIF_RESULT_PARAMS = {
+    "result_extension": ".nrrd",
+    "result_dtype": "uint8",
+    "result_compress": False,
+    "restore_label_idx": False,
+}
 
 
 def parse_roi(roi: Any, shape: tuple[int, int, int]) -> tuple[slice, slice, slice]:

@@ -1,0 +1,20 @@
+"""The 3D SAM (SAM-Med3D architecture, published weights load unchanged) and its checkpoints."""
+
+from .image_encoder import ATTENTION_MODES, ImageEncoder3D
+from .mask_decoder import MaskDecoder3D
+from .prompt_encoder import BOX_CORNER_KEYS, PromptEncoder3D
+from .sam3d import INFERENCE_DTYPES, NORMALISATIONS, PRESETS, Preset, Sam3D, build_model
+
+__all__ = [
+    "ATTENTION_MODES",
+    "BOX_CORNER_KEYS",
+    "INFERENCE_DTYPES",
+    "NORMALISATIONS",
+    "PRESETS",
+    "ImageEncoder3D",
+    "MaskDecoder3D",
+    "Preset",
+    "PromptEncoder3D",
+    "Sam3D",
+    "build_model",
+]

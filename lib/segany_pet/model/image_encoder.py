@@ -1,0 +1,258 @@
+"""The image encoder: a 3D ViT with decomposed relative position bias (SAM-Med3D's "vit_b_ori").
+
+Inside the encoder token grids are channels-last (B, D, H, W, C); the output embedding is channels-first
+(B, C_out, g, g, g) with g = crop_size // patch_size.
+
+Windowed blocks of the published model zero-pad the token grid to the window size *after* norm1 and attend
+over every position of the window, padding included and unmasked, so the padding changes the result. Two
+implementations, chosen by `ImageEncoder3D.attention_mode`:
+
+- "padded": literally that; slow (2744 instead of 512 tokens per window), kept as the reference.
+- "exact" (default): the same numbers without the padding. A padded token is zero going into qkv, so all of
+  them share one key and one value, the qkv biases (k_pad, v_pad). The relative bias is a sum of one term per
+  axis, so for a query the padded keys' summed weight is exp(q.k_pad * scale) times a sum over the padded
+  positions of exp(rel_d + rel_h + rel_w), which factorises per axis. Attention over the real keys plus one
+  extra key with value v_pad and logit q.k_pad * scale + log(that sum) equals the padded attention; padded
+  query rows are cropped away by the reference anyway, so they are never computed.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .layers import FeedForward, LayerNorm3d
+
+ATTENTION_MODES = ("exact", "padded")
+
+
+def _relative_table(rel_pos: torch.Tensor, n_query: int, window: int) -> torch.Tensor:
+    """Bias vectors for queries 0..n_query-1 against keys 0..window-1 of one axis: (n_query, window, head_dim).
+
+    Row q - k + window - 1 of the table, as the reference indexes it for a window of `window` positions.
+    """
+    if rel_pos.shape[0] != 2 * window - 1:
+        raise ValueError(f"relative position table has {rel_pos.shape[0]} rows, a window of {window} needs "
+                         f"{2 * window - 1}")
+    q = torch.arange(n_query, device=rel_pos.device)
+    k = torch.arange(window, device=rel_pos.device)
+    return rel_pos[q[:, None] - k[None, :] + window - 1]
+
+
+class RelPosAttention(nn.Module):
+    """Multi-head self-attention with a decomposed (per-axis) relative position bias."""
+
+    def __init__(self, dim: int, num_heads: int, window: int):
+        """`window`: side of the cubic token window the relative position tables span (2 * window - 1 rows)."""
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"encoder dim {dim} is not divisible by {num_heads} heads")
+        self.num_heads = num_heads
+        head_dim = dim // num_heads
+        self.scale = head_dim**-0.5
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.rel_pos_d = nn.Parameter(torch.zeros(2 * window - 1, head_dim))
+        self.rel_pos_h = nn.Parameter(torch.zeros(2 * window - 1, head_dim))
+        self.rel_pos_w = nn.Parameter(torch.zeros(2 * window - 1, head_dim))
+
+    def _heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q, k, v of tokens x (B, d, h, w, C), each (B, heads, d*h*w, head_dim)."""
+        b, n = x.shape[0], x.shape[1] * x.shape[2] * x.shape[3]
+        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+        return qkv[0], qkv[1], qkv[2]
+
+    def _axis_terms(self, q: torch.Tensor, grid, window) -> list[torch.Tensor]:
+        """Relative bias of each query against each key position along each axis (q unscaled, as published).
+
+        One tensor per axis, (B, heads, d, h, w, window_axis), for queries on the grid (d, h, w) sitting at the
+        low corner of a window; the bias of a key (kd, kh, kw) is the sum of the three terms.
+        """
+        rq = q.reshape(*q.shape[:2], *grid, q.shape[-1])
+        tables = (self.rel_pos_d, self.rel_pos_h, self.rel_pos_w)
+        tables = [_relative_table(t.to(q.dtype), n, w) for t, n, w in zip(tables, grid, window, strict=True)]
+        return [
+            torch.einsum("bndhwc,dkc->bndhwk", rq, tables[0]),
+            torch.einsum("bndhwc,hkc->bndhwk", rq, tables[1]),
+            torch.einsum("bndhwc,wkc->bndhwk", rq, tables[2]),
+        ]
+
+    def forward(self, x: torch.Tensor, window) -> torch.Tensor:
+        """Exact attention of tokens x (B, d, h, w, C) at the low corner of a zero-padded `window` (3 sides).
+
+        Equals `attend_padded` on x zero-padded to the window, restricted to the real tokens.
+        """
+        b, grid, c = x.shape[0], tuple(x.shape[1:4]), x.shape[-1]
+        n = grid[0] * grid[1] * grid[2]
+        q, k, v = self._heads(x)
+        rel_d, rel_h, rel_w = self._axis_terms(q, grid, window)
+        has_padding = grid != tuple(window)
+        keys = n + 1 if has_padding else n
+        # Built in place: one (N, keys) bias per block, the real-key part as the sum of the broadcast axis terms.
+        bias = q.new_empty(b, self.num_heads, n, keys)
+        real = bias[..., :n].unflatten(-1, grid).unflatten(2, grid)
+        rel_dh = rel_d[..., : grid[0], None] + rel_h[..., None, : grid[1]]
+        torch.add(rel_dh[..., None], rel_w[..., None, None, : grid[2]], out=real)
+        if has_padding:
+            bias[..., n] = self._log_padding_weight(rel_d, rel_h, rel_w, grid).flatten(2)
+            dim = self.qkv.bias.shape[0] // 3
+            k_pad = self.qkv.bias[dim : 2 * dim].view(1, self.num_heads, 1, -1).expand(b, -1, -1, -1)
+            v_pad = self.qkv.bias[2 * dim :].view(1, self.num_heads, 1, -1).expand(b, -1, -1, -1)
+            k = torch.cat([k, k_pad.to(k.dtype)], dim=2)
+            v = torch.cat([v, v_pad.to(v.dtype)], dim=2)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.scale)
+        return self.proj(out.transpose(1, 2).reshape(b, *grid, c))
+
+    @staticmethod
+    def _log_padding_weight(rel_d, rel_h, rel_w, grid) -> torch.Tensor:
+        """log of the sum over padded key positions of exp(rel_d + rel_h + rel_w), per query: (B, heads, d, h, w).
+
+        The padded positions are the window minus the real box [0, d) x [0, h) x [0, w): split into the three
+        disjoint slabs {kd >= d}, {kd < d, kh >= h}, {kd < d, kh < h, kw >= w}, each a product of per-axis sums.
+        Summing positive terms in log space avoids the cancellation of (full sum - real sum).
+        """
+        terms = [t.float() for t in (rel_d, rel_h, rel_w)]
+        inside = [t[..., :n].logsumexp(-1) for t, n in zip(terms, grid, strict=True)]
+        outside = [t[..., n:].logsumexp(-1) for t, n in zip(terms, grid, strict=True)]  # -inf if no padding
+        full = [t.logsumexp(-1) for t in terms]
+        slabs = torch.stack([
+            outside[0] + full[1] + full[2],
+            inside[0] + outside[1] + full[2],
+            inside[0] + inside[1] + outside[2],
+        ])
+        return slabs.logsumexp(0).to(rel_d.dtype)
+
+    def attend_padded(self, x: torch.Tensor) -> torch.Tensor:
+        """Reference attention over all tokens of x (B, d, h, w, C), padding included: the published algorithm."""
+        b, grid, c = x.shape[0], tuple(x.shape[1:4]), x.shape[-1]
+        n = grid[0] * grid[1] * grid[2]
+        q, k, v = self._heads(x)
+        attn = (q * self.scale) @ k.transpose(-2, -1)
+        rel_d, rel_h, rel_w = self._axis_terms(q, grid, grid)
+        attn = attn.view(b, self.num_heads, *grid, *grid)
+        attn = attn + rel_d[..., :, None, None] + rel_h[..., None, :, None] + rel_w[..., None, None, :]
+        attn = attn.view(b, self.num_heads, n, n).softmax(dim=-1)
+        out = attn @ v
+        return self.proj(out.transpose(1, 2).reshape(b, *grid, c))
+
+
+def _window_runs(size: int, window: int) -> list[tuple[int, int, int]]:
+    """An axis of `size` tokens as runs of windows with the same real extent: (start, stop, extent)."""
+    full = size // window * window
+    runs = [(0, full, window)] if full else []
+    if size > full:
+        runs.append((full, size, size - full))
+    return runs
+
+
+def _partition(x: torch.Tensor, extent) -> torch.Tensor:
+    """(B, D, H, W, C) with D, H, W multiples of `extent` -> windows (B * n_windows, ed, eh, ew, C)."""
+    b, d, h, w, c = x.shape
+    ed, eh, ew = extent
+    x = x.reshape(b, d // ed, ed, h // eh, eh, w // ew, ew, c).permute(0, 1, 3, 5, 2, 4, 6, 7)
+    return x.reshape(-1, ed, eh, ew, c)
+
+
+def _unpartition(windows: torch.Tensor, shape) -> torch.Tensor:
+    """Inverse of `_partition` for a grid of `shape` (B, D, H, W, C)."""
+    b, d, h, w, c = shape
+    ed, eh, ew = windows.shape[1:4]
+    x = windows.reshape(b, d // ed, h // eh, w // ew, ed, eh, ew, c).permute(0, 1, 4, 2, 5, 3, 6, 7)
+    return x.reshape(b, d, h, w, c)
+
+
+def windowed_attention(attn: RelPosAttention, x: torch.Tensor, window: int, mode: str) -> torch.Tensor:
+    """Attention of tokens x (B, D, H, W, C) in windows of window^3, zero-padded at the high end of each axis."""
+    b, d, h, w, c = x.shape
+    if mode == "padded":
+        padded = F.pad(x, (0, 0, 0, -w % window, 0, -h % window, 0, -d % window))
+        out = attn.attend_padded(_partition(padded, (window,) * 3))
+        return _unpartition(out, padded.shape)[:, :d, :h, :w]
+    # Exact: windows of equal real extent are batched; only the last window along an axis is padded.
+    out = torch.empty_like(x)
+    runs = itertools.product(_window_runs(d, window), _window_runs(h, window), _window_runs(w, window))
+    for (d0, d1, ed), (h0, h1, eh), (w0, w1, ew) in runs:
+        part = x[:, d0:d1, h0:h1, w0:w1]
+        windows = attn(_partition(part, (ed, eh, ew)), (window,) * 3)
+        out[:, d0:d1, h0:h1, w0:w1] = _unpartition(windows, part.shape)
+    return out
+
+
+class EncoderBlock(nn.Module):
+    """Pre-norm transformer block; `window_size` 0 means global attention over the whole token grid."""
+
+    def __init__(self, dim: int, num_heads: int, window_size: int, grid: int, mlp_ratio: int = 4):
+        super().__init__()
+        self.window_size = window_size
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = RelPosAttention(dim, num_heads, window_size or grid)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = FeedForward(dim, dim * mlp_ratio, nn.GELU)
+
+    def forward(self, x: torch.Tensor, attention_mode: str = "exact") -> torch.Tensor:
+        y = self.norm1(x)
+        if self.window_size:
+            y = windowed_attention(self.attn, y, self.window_size, attention_mode)
+        elif attention_mode == "padded":
+            y = self.attn.attend_padded(y)
+        else:
+            y = self.attn(y, tuple(y.shape[1:4]))
+        x = x + y
+        return x + self.mlp(self.norm2(x))
+
+
+class PatchEmbed(nn.Module):
+    """Non-overlapping cubic patches -> tokens, channels-last (B, g, g, g, dim)."""
+
+    def __init__(self, patch_size: int, dim: int, in_channels: int = 1):
+        super().__init__()
+        self.proj = nn.Conv3d(in_channels, dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x).permute(0, 2, 3, 4, 1)
+
+
+class ImageEncoder3D(nn.Module):
+    """Crop (B, 1, S, S, S) -> image embedding (B, out_dim, S/p, S/p, S/p)."""
+
+    def __init__(
+        self,
+        *,
+        crop_size: int,
+        patch_size: int,
+        dim: int,
+        depth: int,
+        num_heads: int,
+        global_attn_indexes: tuple[int, ...],
+        window_size: int,
+        out_dim: int,
+    ):
+        super().__init__()
+        grid = crop_size // patch_size
+        self.crop_size = crop_size
+        self.attention_mode = "exact"
+        self.patch_embed = PatchEmbed(patch_size, dim)
+        self.pos_embed = nn.Parameter(torch.zeros(1, grid, grid, grid, dim))
+        self.blocks = nn.ModuleList(
+            EncoderBlock(dim, num_heads, 0 if i in global_attn_indexes else window_size, grid)
+            for i in range(depth)
+        )
+        self.neck = nn.Sequential(
+            nn.Conv3d(dim, out_dim, kernel_size=1, bias=False),
+            LayerNorm3d(out_dim),
+            nn.Conv3d(out_dim, out_dim, kernel_size=3, padding=1, bias=False),
+            LayerNorm3d(out_dim),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The embedding comes back in the input's dtype whatever the weights' dtype (see Sam3D.to_inference_dtype)."""
+        if self.attention_mode not in ATTENTION_MODES:
+            raise ValueError(f"attention_mode must be one of {ATTENTION_MODES}, not {self.attention_mode!r}")
+        out_dtype = x.dtype
+        x = self.patch_embed(x.to(self.pos_embed.dtype)) + self.pos_embed
+        for block in self.blocks:
+            x = block(x, self.attention_mode)
+        return self.neck(x.permute(0, 4, 1, 2, 3)).to(out_dtype)

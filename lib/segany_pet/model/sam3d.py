@@ -1,0 +1,168 @@
+"""The assembled 3D SAM, its presets (architecture + preprocessing) and `build_model`."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .image_encoder import ImageEncoder3D
+from .mask_decoder import MaskDecoder3D
+from .prompt_encoder import PromptEncoder3D
+
+NORMALISATIONS = ("zscore_nonzero", "log_suv")
+INFERENCE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class Preset:
+    """Everything needed to build a model and feed it: architecture plus the crop's preprocessing."""
+
+    name: str
+    crop_size: int  # voxels per side of the cubic model input
+    spacing_mm: float  # isotropic voxel size the crop is resampled to
+    normalisation: str  # "zscore_nonzero": z-score over voxels > 0 of the crop; "log_suv": log(1 + SUV)
+    patch_size: int = 16
+    encoder_dim: int = 768
+    encoder_depth: int = 12
+    encoder_heads: int = 12
+    global_attn_indexes: tuple[int, ...] = (2, 5, 8, 11)
+    window_size: int = 14  # 0: every block attends globally
+    prompt_dim: int = 384
+    decoder_depth: int = 2
+    decoder_heads: int = 8
+    decoder_mlp_dim: int = 2048
+    iou_head_hidden: int = 256
+
+    def __post_init__(self):
+        object.__setattr__(self, "global_attn_indexes", tuple(int(i) for i in self.global_attn_indexes))
+        problems = []
+        if self.crop_size % self.patch_size:
+            problems.append(f"crop_size {self.crop_size} is not a multiple of patch_size {self.patch_size}")
+        if self.normalisation not in NORMALISATIONS:
+            problems.append(f"normalisation {self.normalisation!r} is not one of {NORMALISATIONS}")
+        if self.encoder_dim % self.encoder_heads:
+            problems.append(f"encoder_dim {self.encoder_dim} is not divisible by {self.encoder_heads} heads")
+        if self.prompt_dim % 24:  # sin/cos/sin thirds, upscaling to dim/8, attention heads
+            problems.append(f"prompt_dim {self.prompt_dim} is not a multiple of 24")
+        if problems:
+            raise ValueError(f"invalid preset {self.name!r}: " + "; ".join(problems))
+
+    @property
+    def embedding_grid(self) -> int:
+        """Tokens per side of the image embedding."""
+        return self.crop_size // self.patch_size
+
+    @property
+    def low_res_size(self) -> int:
+        """Voxels per side of the decoder's low-res logits (and of a mask prompt)."""
+        return self.embedding_grid * 4
+
+    def to_dict(self) -> dict:
+        """Plain Python values (JSON- and weights_only-safe)."""
+        record = dataclasses.asdict(self)
+        record["global_attn_indexes"] = list(self.global_attn_indexes)
+        return record
+
+    @classmethod
+    def from_dict(cls, record: dict) -> Preset:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(record) - known)
+        if unknown:
+            raise ValueError(f"unknown preset fields: {', '.join(unknown)}")
+        return cls(**record)
+
+
+PRESETS: dict[str, Preset] = {
+    # The published SAM-Med3D / SegAnyPET configuration ("vit_b_ori", 100.5 M parameters).
+    "sam_med3d": Preset(name="sam_med3d", crop_size=128, spacing_mm=1.5, normalisation="zscore_nonzero"),
+    # This project's default model, sized by measurement on the 2-core CPU it is trained and served on.
+    # A 64^3 crop at 3 mm covers 192 mm (lesions, most organs) and its low-res logits are 6 mm per voxel,
+    # like the published model's. 8^3 tokens as in the published model, all-global attention.
+    # Measured (2 threads, fp32, random weights): encoder + decoder one crop ~PLACEHOLDER s; forward+backward
+    # of a batch of 2 with a point prompt ~PLACEHOLDER s.
+    "segany_pet_small": Preset(
+        name="segany_pet_small",
+        crop_size=64,
+        spacing_mm=3.0,
+        normalisation="log_suv",
+        patch_size=8,
+        encoder_dim=256,
+        encoder_depth=6,
+        encoder_heads=8,
+        global_attn_indexes=(),
+        window_size=0,
+        prompt_dim=192,
+        decoder_depth=2,
+        decoder_heads=8,
+        decoder_mlp_dim=1024,
+        iou_head_hidden=256,
+    ),
+}
+
+
+class Sam3D(nn.Module):
+    """Image encoder, prompt encoder and mask decoder, with the state-dict names of SAM-Med3D."""
+
+    def __init__(self, preset: Preset):
+        super().__init__()
+        self.preset = preset
+        self.image_encoder = ImageEncoder3D(
+            crop_size=preset.crop_size,
+            patch_size=preset.patch_size,
+            dim=preset.encoder_dim,
+            depth=preset.encoder_depth,
+            num_heads=preset.encoder_heads,
+            global_attn_indexes=preset.global_attn_indexes,
+            window_size=preset.window_size,
+            out_dim=preset.prompt_dim,
+        )
+        self.prompt_encoder = PromptEncoder3D(preset.prompt_dim, preset.embedding_grid, preset.crop_size)
+        self.mask_decoder = MaskDecoder3D(
+            preset.prompt_dim,
+            preset.decoder_depth,
+            preset.decoder_heads,
+            preset.decoder_mlp_dim,
+            preset.iou_head_hidden,
+        )
+        # Keys a checkpoint did not provide and that were initialised instead (set by load_checkpoint).
+        self.initialised_keys: tuple[str, ...] = ()
+
+    def forward(self, image, points=None, boxes=None, masks=None, multimask_output: bool = False):
+        """Crop (B, 1, S, S, S) + prompts -> (low-res logits (B, M, L, L, L), IoU estimates (B, M))."""
+        return self.decode(self.image_encoder(image), points, boxes, masks, multimask_output)
+
+    def decode(self, image_embeddings, points=None, boxes=None, masks=None, multimask_output: bool = False):
+        """Prompts on a (cached) image embedding; see PromptEncoder3D.forward for the prompt formats."""
+        sparse, dense = self.prompt_encoder(points=points, boxes=boxes, masks=masks)
+        return self.mask_decoder(
+            image_embeddings, self.prompt_encoder.get_dense_pe(), sparse, dense, multimask_output
+        )
+
+    @property
+    def inference_dtype(self) -> str:
+        return next(k for k, v in INFERENCE_DTYPES.items() if v == self.image_encoder.pos_embed.dtype)
+
+    def to_inference_dtype(self, dtype: str | torch.dtype) -> Sam3D:
+        """Run the image encoder in "bfloat16" (or back in "float32"); the decoder stays float32.
+
+        bf16 weights and activations (with float32 LayerNorm statistics and softmax accumulation inside
+        torch's kernels) are several times faster on CPUs with AVX512-BF16/AMX; the error against float32 is
+        measured by scripts/benchmark_encoder.py and tested in tests/test_model.py. Not for training.
+        """
+        name = dtype if isinstance(dtype, str) else str(dtype).removeprefix("torch.")
+        if name not in INFERENCE_DTYPES:
+            raise ValueError(f"inference dtype must be one of {tuple(INFERENCE_DTYPES)}, not {dtype!r}")
+        self.image_encoder.to(INFERENCE_DTYPES[name])
+        return self
+
+
+def build_model(preset: Preset | str) -> Sam3D:
+    """A randomly initialised model of a preset (a Preset or a name in PRESETS)."""
+    if isinstance(preset, str):
+        if preset not in PRESETS:
+            raise KeyError(f"unknown preset {preset!r}; known: {', '.join(PRESETS)}")
+        preset = PRESETS[preset]
+    return Sam3D(preset)

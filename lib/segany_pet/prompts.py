@@ -1,0 +1,66 @@
+"""Simulated prompts: where an annotator (or the autoPET IV protocol) clicks on a known object.
+
+Clicks are voxel indices ``[i, j, k]`` of the stored image, the frame clients send.
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import numpy as np
+from scipy import ndimage
+
+from segany_pet.errors import PromptError
+
+
+def centre_click(object_mask: np.ndarray, spacing=(1.0, 1.0, 1.0)) -> list[int]:
+    """The voxel deepest inside the object (maximum of its distance transform), as autoPET IV clicks.
+
+    Unlike the centroid, this voxel always lies inside the object, however irregular its shape.
+    """
+    (box,) = ndimage.find_objects(np.asarray(object_mask, dtype=np.uint8)) or [None]
+    if box is None:
+        raise ValueError("cannot click on an empty object mask")
+    box = tuple(slice(max(s.start - 1, 0), s.stop + 1) for s in box)  # keep a background rim
+    depth = ndimage.distance_transform_edt(object_mask[box] != 0, sampling=spacing)
+    deepest = np.unravel_index(int(np.argmax(depth)), depth.shape)
+    return [int(index + s.start) for index, s in zip(deepest, box, strict=True)]
+
+
+def parse_clicks(clicks, shape: tuple[int, ...], kind: str) -> list[tuple[int, int, int]]:
+    """Check clicks are ``[[i, j, k], ...]`` voxel indices inside ``shape``; PromptError says what's wrong."""
+    if clicks is None:
+        return []
+    if isinstance(clicks, np.ndarray):
+        clicks = clicks.tolist()
+    extent = ", ".join(f"0..{n - 1}" for n in shape)
+    where = f"the volume has shape {tuple(shape)}, so indices run {extent}"
+    if isinstance(clicks, str | bytes) or not hasattr(clicks, "__iter__"):
+        raise PromptError(f"{kind} clicks must be a list of [i, j, k] voxel indices, got {clicks!r}")
+    clicks = list(clicks)
+    if clicks and all(_is_number(value) for value in clicks):
+        raise PromptError(
+            f"{kind} clicks {clicks!r} look like a single click: send a list of clicks, e.g. [{clicks!r}]"
+        )
+    parsed = []
+    for number, click in enumerate(clicks, start=1):
+        label = f"{kind} click #{number} {click!r}"
+        if isinstance(click, np.ndarray):
+            click = click.tolist()
+        if isinstance(click, str | bytes) or not isinstance(click, list | tuple) or len(click) != 3:
+            raise PromptError(f"{label} must be three voxel indices [i, j, k]")
+        index = []
+        for value in click:
+            if not _is_number(value) or not np.isfinite(value) or float(value) != int(value):
+                raise PromptError(f"{label}: {value!r} is not a whole voxel index; send integer [i, j, k]")
+            index.append(int(value))
+        if any(i < 0 or i >= n for i, n in zip(index, shape, strict=True)):
+            raise PromptError(
+                f"{label} is outside the volume: {where} (clicks are voxel indices, not millimetres)"
+            )
+        parsed.append(tuple(index))
+    return parsed
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool | np.bool_)

@@ -1,0 +1,108 @@
+"""Server start time and click latency over REST, cold (first click on a scan) vs warm (later clicks).
+
+Serves one 4 mm whole-body phantom and one autoPET-sized phantom (400x400x326 at 2.036x2.036x3 mm)
+and clicks on a lesion as OHIF does (NRRD reply).
+
+    .venv/bin/python scripts/benchmark_server.py [--starts 3] [--warm 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import requests
+
+from segany_pet.cli import server_command
+from segany_pet.label.infer import OHIF_RESULT_PARAMS
+from segany_pet.pet import save_nifti
+from segany_pet.phantom import generate_case
+from segany_pet.prompts import centre_click
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_server(studies: Path, log_path: Path) -> tuple[subprocess.Popen, str, float]:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    started = time.perf_counter()
+    with open(log_path, "a") as log:
+        process = subprocess.Popen(server_command(studies, port=port), stdout=log, stderr=subprocess.STDOUT)
+    while True:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited; see {log_path}")
+        try:
+            if requests.get(f"{url}/info/", timeout=2).status_code == 200:
+                return process, url, time.perf_counter() - started
+        except requests.ConnectionError:
+            time.sleep(0.05)
+
+
+def click(url: str, image: str, voxel: list[int]) -> tuple[float, dict]:
+    params = json.dumps({"foreground": [voxel], "background": [], **OHIF_RESULT_PARAMS})
+    started = time.perf_counter()
+    response = requests.post(
+        f"{url}/infer/suv_threshold", params={"image": image, "output": "all"}, data={"params": params}, timeout=300
+    )
+    elapsed = time.perf_counter() - started
+    response.raise_for_status()
+    reply_params = json.loads(response.content.split(b"\r\n\r\n", 2)[1].split(b"\r\n--")[0])
+    return elapsed, reply_params["latencies"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--starts", type=int, default=3, help="server starts to time")
+    parser.add_argument("--warm", type=int, default=5, help="warm clicks per scan")
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        studies = Path(tmp) / "images"
+        studies.mkdir()
+        clicks = {}
+        for name, grid in (("wholebody_4mm", "4mm"), ("autopet_size", "autopet")):
+            case = generate_case(11, tracer="fdg", grid=grid, negative=False)
+            save_nifti(case.suv, case.affine, studies / f"{name}.nii.gz")
+            biggest = max(case.info["lesions"], key=lambda lesion: lesion["volume_ml"])
+            clicks[name] = (centre_click(case.lesions == biggest["id"], case.info["spacing"]), case.suv.shape)
+        log_path = Path(tmp) / "server.log"
+
+        start_times = []
+        for _ in range(args.starts):
+            process, url, seconds = start_server(studies, log_path)
+            start_times.append(seconds)
+            process.terminate()
+            process.wait()
+        print(f"server start to first /info answer: median {statistics.median(start_times):.2f} s "
+              f"over {args.starts} starts ({', '.join(f'{s:.2f}' for s in start_times)})\n")
+
+        process, url, _ = start_server(studies, log_path)
+        try:
+            print("| scan | shape | cold click (s) | warm click median (s) | cold / warm | load cold, warm (s) |")
+            print("|---|---|---|---|---|---|")
+            for name, (voxel, shape) in clicks.items():
+                cold, cold_latencies = click(url, name, voxel)
+                warm_runs = [click(url, name, voxel) for _ in range(args.warm)]
+                warm = statistics.median(seconds for seconds, _ in warm_runs)
+                warm_load = statistics.median(latencies["load"] for _, latencies in warm_runs)
+                print(f"| {name} | {'x'.join(map(str, shape))} | {cold:.3f} | {warm:.3f} | {cold / warm:.1f} "
+                      f"| {cold_latencies['load']:.3f}, {warm_load:.4f} |")
+        finally:
+            process.terminate()
+            process.wait()
+    print(f"\n{os.cpu_count()} CPU cores; requests over HTTP on 127.0.0.1 with OHIF's params")
+
+
+if __name__ == "__main__":
+    main()
