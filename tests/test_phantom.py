@@ -41,13 +41,14 @@ def test_grid_affine_is_ras_with_head_at_high_k():
     volume = PETVolume(c.suv, c.affine)
     assert c.suv.shape == (128, 128, 240) and c.suv.dtype == np.float32
     assert volume.spacing == SPACING_4MM
-    assert np.allclose(c.affine[:3, :3], np.diag(SPACING_4MM))  # i -> +x (left), j -> +y (anterior), k -> +z
+    # i runs to the patient's left (-x in RAS+), j anterior (+y), k superior (+z)
+    assert np.allclose(c.affine[:3, :3], np.diag([-4.0, 4.0, 4.0]))
     centroid = {name: np.argwhere(c.organs == ORGAN_LABELS[name]).mean(axis=0) for name in ORGAN_LABELS}
     assert centroid["brain"][2] > 0.85 * c.suv.shape[2]
     assert centroid["brain"][2] > centroid["heart_blood"][2] > centroid["liver"][2] > centroid["bladder"][2]
     world = {name: volume.index_to_world(v) for name, v in centroid.items()}
-    assert world["lung_left"][0] > 0 > world["lung_right"][0]  # RAS: patient left is +x
-    assert world["liver"][0] < 0 < world["spleen"][0]
+    assert world["lung_right"][0] > 0 > world["lung_left"][0]  # RAS+: the patient's right is +x
+    assert world["liver"][0] > 0 > world["spleen"][0]
     assert world["bone_marrow"][1] < world["heart_blood"][1]  # spine behind the heart
     assert world["bladder"][1] > world["bone_marrow"][1]
     # Whole body vertex to thigh: tissue in the top and bottom 5 % of slices, air above the head.
@@ -297,7 +298,7 @@ def test_autopet_grid_shows_the_same_case():
     small = case(8)
     assert big.suv.shape == (400, 400, 326) and big.suv.dtype == np.float32
     assert np.allclose(PETVolume(big.suv, big.affine).spacing, (2.036, 2.036, 3.0))
-    assert np.allclose(big.affine[:3, :3], np.diag([2.036, 2.036, 3.0]))
+    assert np.allclose(big.affine[:3, :3], np.diag([-2.036, 2.036, 3.0]))
     for name in ("liver", "brain", "bladder", "lung_left"):
         ml_big = (big.organs == ORGAN_LABELS[name]).sum() * 2.036 * 2.036 * 3.0 / 1000
         ml_small = (small.organs == ORGAN_LABELS[name]).sum() * 0.064

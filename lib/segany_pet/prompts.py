@@ -18,11 +18,13 @@ def centre_click(object_mask: np.ndarray, spacing=(1.0, 1.0, 1.0)) -> list[int]:
 
     Unlike the centroid, this voxel always lies inside the object, however irregular its shape.
     """
-    (box,) = ndimage.find_objects(np.asarray(object_mask, dtype=np.uint8)) or [None]
-    if box is None:
+    boxes = ndimage.find_objects((np.asarray(object_mask) != 0).astype(np.uint8))
+    if not boxes:
         raise ValueError("cannot click on an empty object mask")
-    box = tuple(slice(max(s.start - 1, 0), s.stop + 1) for s in box)  # keep a background rim
-    depth = ndimage.distance_transform_edt(object_mask[box] != 0, sampling=spacing)
+    (box,) = boxes
+    # A background rim all round, so an object cut by the array's edge still has a boundary there.
+    inside = np.pad(np.asarray(object_mask)[box] != 0, 1)
+    depth = ndimage.distance_transform_edt(inside, sampling=spacing)[1:-1, 1:-1, 1:-1]
     deepest = np.unravel_index(int(np.argmax(depth)), depth.shape)
     return [int(index + s.start) for index, s in zip(deepest, box, strict=True)]
 

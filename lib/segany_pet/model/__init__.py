@@ -1,5 +1,6 @@
 """The 3D SAM (SAM-Med3D architecture, published weights load unchanged) and its checkpoints."""
 
+from .checkpoint import check_state_dict, expected_shapes, load_checkpoint, recognise_preset, save_checkpoint
 from .image_encoder import ATTENTION_MODES, ImageEncoder3D
 from .mask_decoder import MaskDecoder3D
 from .prompt_encoder import BOX_CORNER_KEYS, PromptEncoder3D
@@ -17,4 +18,9 @@ __all__ = [
     "PromptEncoder3D",
     "Sam3D",
     "build_model",
+    "check_state_dict",
+    "expected_shapes",
+    "load_checkpoint",
+    "recognise_preset",
+    "save_checkpoint",
 ]

@@ -110,20 +110,23 @@ class RelPosAttention(nn.Module):
     def _log_padding_weight(rel_d, rel_h, rel_w, grid) -> torch.Tensor:
         """log of the sum over padded key positions of exp(rel_d + rel_h + rel_w), per query: (B, heads, d, h, w).
 
-        The padded positions are the window minus the real box [0, d) x [0, h) x [0, w): split into the three
-        disjoint slabs {kd >= d}, {kd < d, kh >= h}, {kd < d, kh < h, kw >= w}, each a product of per-axis sums.
-        Summing positive terms in log space avoids the cancellation of (full sum - real sum).
+        The padded positions are the window minus the real box [0, d) x [0, h) x [0, w): three disjoint slabs
+        {kd >= d}, {kd < d, kh >= h}, {kd < d, kh < h, kw >= w}, each a product of per-axis sums. Sums of
+        positive terms only (no full-minus-real difference), so no cancellation.
         """
-        terms = [t.float() for t in (rel_d, rel_h, rel_w)]
-        inside = [t[..., :n].logsumexp(-1) for t, n in zip(terms, grid, strict=True)]
-        outside = [t[..., n:].logsumexp(-1) for t, n in zip(terms, grid, strict=True)]  # -inf if no padding
-        full = [t.logsumexp(-1) for t in terms]
-        slabs = torch.stack([
-            outside[0] + full[1] + full[2],
-            inside[0] + outside[1] + full[2],
-            inside[0] + inside[1] + outside[2],
-        ])
-        return slabs.logsumexp(0).to(rel_d.dtype)
+        sums = {"in": [], "out": [], "all": []}
+        peak = 0
+        for terms, n in zip((rel_d, rel_h, rel_w), grid, strict=True):
+            terms = terms.float()
+            axis_peak = terms.amax(-1, keepdim=True)
+            weights = (terms - axis_peak).exp()
+            sums["in"].append(weights[..., :n].sum(-1))
+            sums["out"].append(weights[..., n:].sum(-1))  # 0 where the window has no padding on this axis
+            sums["all"].append(sums["in"][-1] + sums["out"][-1])
+            peak = peak + axis_peak.squeeze(-1)
+        (in_d, in_h, _in_w), (out_d, out_h, out_w), (_, all_h, all_w) = sums["in"], sums["out"], sums["all"]
+        padded = out_d * all_h * all_w + in_d * (out_h * all_w + in_h * out_w)
+        return (padded.log() + peak).to(rel_d.dtype)
 
     def attend_padded(self, x: torch.Tensor) -> torch.Tensor:
         """Reference attention over all tokens of x (B, d, h, w, C), padding included: the published algorithm."""

@@ -1,9 +1,11 @@
 """Synthetic whole-body anatomy and its tracer uptake, built in millimetres.
 
-Frames: the body frame is world mm RAS+ (x towards the patient's left, y anterior, z superior), the
-midline at x = 0 and the skull vertex near z = 945 mm. A grid lays voxels over that frame with a
-diagonal affine (i -> x, j -> y, k -> z, head at high k), so every grid shows the same anatomy,
-each at its own sampling. Shapes are smooth superquadrics evaluated inside their bounding boxes.
+Frames: anatomy is built in a body frame in mm (x towards the patient's left, y anterior, z
+superior), the midline at x = 0 and the skull vertex near z = 945 mm. A grid lays voxels over that
+frame (i -> x, j -> y, k -> z, head at high k), so every grid shows the same anatomy, each at its own
+sampling. World coordinates (the NIfTI affine, ``centre_mm``) are RAS+, where +x is the patient's
+right: the affine negates x, so arrays are stored left-to-right along i (LAS storage, as many
+scanners export). Shapes are smooth superquadrics evaluated inside their bounding boxes.
 
 Organ positions and sizes come from a 170 cm reference adult and are scaled per case (stature,
 girth, fat) and jittered; uptake per organ is drawn per case within the ranges of
@@ -44,14 +46,19 @@ class Grid:
 
     @property
     def origin(self) -> np.ndarray:
-        """World mm of voxel (0, 0, 0)."""
+        """Body-frame mm of voxel (0, 0, 0)."""
         return FOV_CENTRE_MM - (np.array(self.shape) - 1) / 2.0 * np.array(self.spacing)
 
     @property
     def affine(self) -> np.ndarray:
-        affine = np.diag([*self.spacing, 1.0])
-        affine[:3, 3] = self.origin
+        """Voxel index -> world RAS+ mm; x is negated because the body frame's +x is the patient's left."""
+        affine = np.diag([-self.spacing[0], self.spacing[1], self.spacing[2], 1.0])
+        affine[:3, 3] = self.origin * np.array([-1.0, 1.0, 1.0])
         return affine
+
+    def to_world(self, ijk) -> np.ndarray:
+        """World RAS+ mm of voxel indices (what the affine gives)."""
+        return np.asarray(ijk, dtype=float) @ self.affine[:3, :3].T + self.affine[:3, 3]
 
     @property
     def voxel_ml(self) -> float:
@@ -59,9 +66,6 @@ class Grid:
 
     def to_voxel(self, mm) -> np.ndarray:
         return (np.asarray(mm, dtype=float) - self.origin) / np.array(self.spacing)
-
-    def to_mm(self, ijk) -> np.ndarray:
-        return np.asarray(ijk, dtype=float) * np.array(self.spacing) + self.origin
 
     def box(self, lo_mm, hi_mm) -> tuple[slice, slice, slice] | None:
         """Voxel slices whose centres lie within [lo_mm, hi_mm]; None when outside the grid."""
@@ -74,7 +78,7 @@ class Grid:
         return tuple(slice(int(a), int(b)) for a, b in zip(lo, hi, strict=True))
 
     def mesh(self, box) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Broadcastable world-mm coordinates (x[:,1,1], y[1,:,1], z[1,1,:]) of a box."""
+        """Broadcastable body-frame mm coordinates (x[:,1,1], y[1,:,1], z[1,1,:]) of a box."""
         axes = [self.origin[a] + np.arange(box[a].start, box[a].stop) * self.spacing[a] for a in range(3)]
         return axes[0][:, None, None], axes[1][None, :, None], axes[2][None, None, :]
 

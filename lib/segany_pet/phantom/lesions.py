@@ -293,7 +293,7 @@ def describe_lesions(
             {
                 "id": lesion_id,
                 "centre_voxel": [int(v) for v in centre],
-                "centre_mm": [round(float(v), 2) for v in grid.to_mm(centre)],
+                "centre_mm": [round(float(v), 2) for v in grid.to_world(centre)],
                 "volume_ml": round(float(mask.sum() * grid.voxel_ml), 4),
                 "suvmax": round(float(values.max()), 3),
                 "suvmean": round(float(values.mean()), 3),
