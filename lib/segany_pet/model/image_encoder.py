@@ -212,10 +212,17 @@ class PatchEmbed(nn.Module):
 
     def __init__(self, patch_size: int, dim: int, in_channels: int = 1):
         super().__init__()
+        self.patch_size = patch_size
         self.proj = nn.Conv3d(in_channels, dim, kernel_size=patch_size, stride=patch_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(x).permute(0, 2, 3, 4, 1)
+        # kernel == stride: the convolution is one matmul over the flattened patches. Computed as such because
+        # oneDNN's bf16 Conv3d with one input channel is ~50x slower than the matmul (fp32: on par).
+        b, c, d, h, w = x.shape
+        p = self.patch_size
+        patches = x.reshape(b, c, d // p, p, h // p, p, w // p, p).permute(0, 2, 4, 6, 1, 3, 5, 7)
+        patches = patches.reshape(b, d // p, h // p, w // p, c * p**3)
+        return F.linear(patches, self.proj.weight.flatten(1), self.proj.bias)
 
 
 class ImageEncoder3D(nn.Module):
