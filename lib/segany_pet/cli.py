@@ -38,9 +38,9 @@ def _noise(args) -> int:
     from segany_pet.phantom import write_noisy_labels
 
     out = args.out or Path(args.cohort) / "noisy_labels"
-    records = write_noisy_labels(args.cohort, out, rate=args.rate, seed=args.seed)
-    corrupted = sum(1 for record in records.values() if record["corrupted"])
-    print(f"wrote {len(records)} labels to {out}; {corrupted} corrupted (records in noise_records.json)")
+    cases = write_noisy_labels(args.cohort, out, rate=args.rate, seed=args.seed)["cases"]
+    corrupted = sum(1 for record in cases.values() if record["corrupted"])
+    print(f"wrote {len(cases)} labels to {out}; {corrupted} corrupted (records in noise_records.json)")
     return 0
 
 
