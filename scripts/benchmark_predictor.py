@@ -51,13 +51,17 @@ def main() -> None:
         cases[grid] = (PETVolume(case.suv, case.affine), click)
 
     print(f"threads {args.threads}, encoder dtype {args.dtype or 'float32'}, max_windows {args.max_windows}\n")
-    print("| preset | volume | shape | set_volume s | cold s | cold breakdown | warm s | warm breakdown | cold/warm | windows |")
+    print(
+        "| preset | volume | shape | set_volume s | cold s | cold breakdown | warm s | warm breakdown "
+        "| cold/warm | windows |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|")
     for name in args.presets:
         torch.manual_seed(0)
         predictor = Predictor(build_model(name), cache_size=8, dtype=args.dtype, max_windows=args.max_windows)
         # one throwaway click: torch's first calls allocate and pick kernels
-        predictor.set_volume(*cases[args.grids[0]][:1], "warm-up").predict(foreground=[cases[args.grids[0]][1]])
+        warm_up_volume, warm_up_click = next(iter(cases.values()))
+        predictor.set_volume(warm_up_volume, "warm-up").predict(foreground=[warm_up_click])
         predictor.clear_cache()
         for grid, (volume, click) in cases.items():
             started = time.perf_counter()
@@ -66,9 +70,10 @@ def main() -> None:
             cold = session.predict(foreground=[click])
             warm, previous = [], cold
             for step in range(args.warm):
-                nearby = [click[0] + 1 + step % 2, click[1], click[2]]
-                previous = session.predict(background=[nearby] if step % 2 else [], foreground=[] if step % 2 else [nearby],
-                                           previous=previous)
+                # refinement clicks next to the first one, alternately foreground and background
+                nearby = [[click[0] + 1 + step % 2, click[1], click[2]]]
+                prompts = {"background": nearby} if step % 2 else {"foreground": nearby}
+                previous = session.predict(**prompts, previous=previous)
                 assert previous.cache_hit, "warm click missed the embedding cache"
                 warm.append(previous)
             median = sorted(warm, key=lambda p: p.latencies["total"])[len(warm) // 2]  # the median click

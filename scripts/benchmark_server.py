@@ -89,15 +89,18 @@ def main() -> None:
 
         process, url, _ = start_server(studies, log_path)
         try:
-            print("| scan | shape | cold click (s) | warm click median (s) | cold / warm | load cold, warm (s) |")
+            print("| scan | shape | cold click (s) | warm click median (s) | cold / warm | warm server-side (s) |")
             print("|---|---|---|---|---|---|")
             for name, (voxel, shape) in clicks.items():
-                cold, cold_latencies = click(url, name, voxel)
+                cold, _ = click(url, name, voxel)
                 warm_runs = [click(url, name, voxel) for _ in range(args.warm)]
                 warm = statistics.median(seconds for seconds, _ in warm_runs)
-                warm_load = statistics.median(latencies["load"] for _, latencies in warm_runs)
-                print(f"| {name} | {'x'.join(map(str, shape))} | {cold:.3f} | {warm:.3f} | {cold / warm:.1f} "
-                      f"| {cold_latencies['load']:.3f}, {warm_load:.4f} |")
+                parts = ("load", "segment", "quantify", "write")
+                server_side = ", ".join(
+                    f"{part} {statistics.median(latencies[part] for _, latencies in warm_runs):.3f}" for part in parts
+                )
+                size = "x".join(map(str, shape))
+                print(f"| {name} | {size} | {cold:.3f} | {warm:.3f} | {cold / warm:.1f} | {server_side} |")
         finally:
             process.terminate()
             process.wait()

@@ -105,20 +105,21 @@ def test_stored_voxel_to_crop_index_anisotropic_and_flipped():
     geometry = CropGeometry.around(ras, centre, spacing=1.5, size=64)  # voxel (0,0,0) at -31.5 * 1.5 mm
     np.testing.assert_allclose(geometry.origin, [-47.25] * 3)
     # voxel (60, 45, 52) is at world (20, -10, 6) mm -> crop 31.5 + world / 1.5
-    np.testing.assert_allclose(geometry.stored_to_crop(ras, [[60, 45, 52]]), [[31.5 + 20 / 1.5, 31.5 - 10 / 1.5, 35.5]])
+    expected = [[31.5 + 20 / 1.5, 31.5 - 10 / 1.5, 35.5]]
+    np.testing.assert_allclose(geometry.stored_to_crop(ras, [[60, 45, 52]]), expected)
 
     # first axis stored right-to-left: voxel i is at x = 100 - 2 i; the crop axes stay RAS
     flipped = ras.copy()
     flipped[0, 0], flipped[0, 3] = -2.0, 100.0
     np.testing.assert_allclose(canonical_axes(flipped), np.eye(3))
     geometry = CropGeometry.around(flipped, centre, spacing=1.5, size=64)
-    np.testing.assert_allclose(geometry.stored_to_crop(flipped, [[60, 45, 52]]), [[31.5 - 20 / 1.5, 31.5 - 10 / 1.5, 35.5]])
+    np.testing.assert_allclose(geometry.stored_to_crop(flipped, [[60, 45, 52]]), [[31.5 - 20 / 1.5, *expected[0][1:]]])
 
     # stored axes permuted (z, x, y): canonical crop axis 0 is still world x
     permuted = np.array([[0, 2.0, 0, -100], [0, 0, 2.0, -100], [3.0, 0, 0, -150], [0, 0, 0, 1]])
     np.testing.assert_allclose(canonical_axes(permuted), np.eye(3))
     geometry = CropGeometry.around(permuted, centre, spacing=1.5, size=64)
-    np.testing.assert_allclose(geometry.stored_to_crop(permuted, [[52, 60, 45]]), [[31.5 + 20 / 1.5, 31.5 - 10 / 1.5, 35.5]])
+    np.testing.assert_allclose(geometry.stored_to_crop(permuted, [[52, 60, 45]]), expected)
 
 
 def test_crop_centres_snap_so_nearby_clicks_share_a_crop_and_keep_a_margin():

@@ -1,4 +1,4 @@
-"""``segany-pet``: one command line for the project's stages.
+"""segany-pet: one command line for the project's stages.
 
     segany-pet phantom --out DIR [--cases N] [--tracer fdg|psma|mixed] [--grid 4mm|autopet]
     segany-pet noise --cohort DIR [--rate 0.4]
@@ -80,18 +80,20 @@ def main(argv: list[str] | None = None) -> int:
     noise.add_argument("--seed", type=int, default=0)
     noise.set_defaults(run=_noise)
 
-    for name, run, text in (("serve", _serve, "serve a folder of SUV NIfTI files"), ("demo", _demo, None)):
-        sub = commands.add_parser(name, help=text or "build a demo cohort if missing, then serve it")
-        sub.add_argument("--port", type=int, default=8000)
-        sub.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to serve other machines")
-        sub.set_defaults(run=run)
-        if name == "serve":
-            sub.add_argument("--studies", required=True, help="folder of SUV NIfTI images")
-            sub.add_argument("--conf", nargs=2, action="append", metavar=("KEY", "VALUE"))
-        else:
-            sub.add_argument("--dir", default="demo", help="where the demo cohort lives")
-            sub.add_argument("--cases", type=int, default=12)
-            sub.add_argument("--seed", type=int, default=0)
+    serve = commands.add_parser("serve", help="serve a folder of SUV NIfTI files")
+    serve.add_argument("--studies", required=True, help="folder of SUV NIfTI images")
+    serve.add_argument("--conf", nargs=2, action="append", metavar=("KEY", "VALUE"), help="app option")
+    serve.set_defaults(run=_serve)
+
+    demo = commands.add_parser("demo", help="build a demo cohort if missing, then serve it")
+    demo.add_argument("--dir", default="demo", help="where the demo cohort lives")
+    demo.add_argument("--cases", type=int, default=12)
+    demo.add_argument("--seed", type=int, default=0)
+    demo.set_defaults(run=_demo)
+
+    for server in (serve, demo):
+        server.add_argument("--port", type=int, default=8000)
+        server.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to serve other machines")
 
     args = parser.parse_args(argv)
     return args.run(args)

@@ -410,7 +410,8 @@ class WindowResult:
 class Prediction:
     """A mask and what is needed to refine it with the next click.
 
-    ``low_res_logits`` and ``geometry`` are those of the first window (centred on the prompts);
+    ``low_res_logits``, ``geometry`` and ``iou`` (the model's estimate) are those of the first window
+    (centred on the prompts);
     ``window_results`` holds every window. ``foreground``, ``background`` and ``box`` are all prompts so far
     (stored voxel indices). ``cache_hit`` is True when no window needed the image encoder. ``latencies`` (s)
     sums crop, encode, decode, paste and plan (choosing and seeding extra windows) over windows, plus total.
@@ -493,8 +494,14 @@ class Predictor:
     def encoder_dtype(self) -> torch.dtype:
         return next(self.model.image_encoder.parameters()).dtype
 
-    def embedding(self, session: VolumeSession, geometry: CropGeometry, latencies: dict) -> tuple[torch.Tensor, bool]:
-        """The image embedding of one crop of a session's volume (cached) and whether it came from the cache."""
+    def embedding(
+        self, session: VolumeSession, geometry: CropGeometry, latencies: dict | None = None
+    ) -> tuple[torch.Tensor, bool]:
+        """The image embedding of one crop of a session's volume (cached) and whether it came from the cache.
+
+        Adds the seconds spent to ``latencies["crop"]`` and ``["encode"]`` when given.
+        """
+        latencies = latencies if latencies is not None else dict.fromkeys(LATENCY_KEYS, 0.0)
         dtype = self.encoder_dtype
         key = (session.volume_id, geometry, self.preset.name, str(dtype))
         with self._lock:
@@ -590,7 +597,8 @@ class VolumeSession:
                 + "; prompts outside it are used by the windows that contain them"
             )
 
-        first = self._window(geometry, foreground, background, box, [], self._mask_prompt(geometry, previous, latencies), latencies)
+        mask_prompt = self._mask_prompt(geometry, previous, latencies)
+        first = self._window(geometry, foreground, background, box, [], mask_prompt, latencies)
         results = [first]
         seen = {geometry}
         queue = deque([first])
@@ -685,7 +693,8 @@ class VolumeSession:
     def _extension(self, parent, geometry, foreground, background, box, previous, latencies) -> WindowResult | None:
         """A window continuing ``parent``: prompted with the user's prompts inside it, a positive point at the
         deepest voxel of the parent's mask in the overlap, and a mask prompt that is the parent's logits in the
-        overlap (the previous prediction, or 0 = undecided, elsewhere). None if nothing positive is inside."""
+        overlap and elsewhere the previous prediction, or 0 (undecided: a negative prior would tell the model
+        the object stops at the old crop face). None if the parent's mask does not reach into the window."""
         started = time.perf_counter()
         low_res = parent.low_res_logits.shape[-1]
         factor = geometry.size / low_res
@@ -709,7 +718,7 @@ class VolumeSession:
             deepest = np.unravel_index(int(np.argmax(depth)), depth.shape)
             seeds.append([factor * index + (factor - 1) / 2 for index in deepest])
         latencies["plan"] += time.perf_counter() - started
-        if not seeds and box is None and not foreground:
+        if not seeds:  # nothing of the object reaches into this window
             return None
         return self._window(geometry, foreground, background, box, seeds, prior, latencies)
 
