@@ -2,7 +2,9 @@
 
 For each preset (random weights: speed does not depend on them), on a synthetic 4 mm whole-body phantom
 (128x128x240) and an autoPET-sized one (400x400x326 at 2.036x2.036x3 mm), clicking on a lesion:
-the first click, then refinement clicks next to it whose crop embedding is cached (median of --warm).
+cold = the first click on a volume (its crop is encoded), warm = refinement clicks next to it whose crop
+embedding is cached (median of --warm). Times are seconds of wall clock; other processes on the machine
+inflate them, torch's 2-thread kernels most of all.
 
     .venv/bin/python scripts/benchmark_predictor.py
     .venv/bin/python scripts/benchmark_predictor.py --presets segany_pet_small --max-windows 6
@@ -11,6 +13,7 @@ the first click, then refinement clicks next to it whose crop embedding is cache
 from __future__ import annotations
 
 import argparse
+import gc
 import resource
 import time
 
@@ -23,6 +26,22 @@ from segany_pet.predictor import LATENCY_KEYS, Predictor
 from segany_pet.prompts import centre_click
 
 GRIDS = {"4mm": "4 mm whole body", "autopet": "autoPET grid"}
+
+
+def reset_peak_rss() -> bool:
+    """Restart the kernel's peak-RSS counter (Linux), so the peak of the predicting part can be read."""
+    try:
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_mb() -> float:
+    with open("/proc/self/status") as handle:
+        line = next(line for line in handle if line.startswith("VmHWM:"))
+    return int(line.split()[1]) / 1024
 
 
 def breakdown(latencies: dict) -> str:
@@ -50,18 +69,23 @@ def main() -> None:
         click = centre_click(case.lesions == lesion["id"], tuple(case.info["spacing"]))
         cases[grid] = (PETVolume(case.suv, case.affine), click)
 
+    phantoms_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    gc.collect()
+    peak_since_phantoms = reset_peak_rss()
     print(f"threads {args.threads}, encoder dtype {args.dtype or 'float32'}, max_windows {args.max_windows}\n")
     print(
         "| preset | volume | shape | set_volume s | cold s | cold breakdown | warm s | warm breakdown "
         "| cold/warm | windows |"
     )
     print("|---|---|---|---|---|---|---|---|---|---|")
+    first_clicks = []
     for name in args.presets:
         torch.manual_seed(0)
         predictor = Predictor(build_model(name), cache_size=8, dtype=args.dtype, max_windows=args.max_windows)
-        # one throwaway click: torch's first calls allocate and pick kernels
+        # torch's first forward passes allocate and pick kernels (seconds): one throwaway click, reported apart
         warm_up_volume, warm_up_click = next(iter(cases.values()))
-        predictor.set_volume(warm_up_volume, "warm-up").predict(foreground=[warm_up_click])
+        first = predictor.set_volume(warm_up_volume, "warm-up").predict(foreground=[warm_up_click])
+        first_clicks.append(f"{name}: {first.latencies['total']:.2f} s ({breakdown(first.latencies)})")
         predictor.clear_cache()
         for grid, (volume, click) in cases.items():
             started = time.perf_counter()
@@ -83,8 +107,12 @@ def main() -> None:
                 f"| {breakdown(cold.latencies)} | {warm_s:.3f} | {breakdown(median.latencies)} "
                 f"| {cold_s / warm_s:.0f} | {cold.windows} |"
             )
-    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(f"\npeak RSS {peak_mb:.0f} MB (phantoms included: the autoPET one is ~200 MB of SUV plus its labels)")
+    print("\nfirst click after building the model (not in the table):\n  " + "\n  ".join(first_clicks))
+    print(f"\npeak RSS while generating the phantoms: {phantoms_mb:.0f} MB")
+    if peak_since_phantoms:
+        print(f"peak RSS while predicting (phantoms kept in memory, models built in turn): {peak_rss_mb():.0f} MB")
+    else:
+        print(f"peak RSS of the run: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ from segany_pet.predictor import (
     extension_windows,
     normalise,
     paste_logits,
+    paste_mask,
     place_crop,
     resample,
     touched_faces,
@@ -70,6 +71,15 @@ def blob_volume(shape=(48, 48, 60), spacing=(4.0, 4.0, 4.0), seed=0) -> PETVolum
     suv[ball(shape, affine, (10, -20, 30), 15)] += 8
     suv[ball(shape, affine, (-40, 30, -60), 10)] += 5
     return PETVolume(suv, affine)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """The models here are tiny; one thread keeps them fast when other processes busy the cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -156,8 +166,8 @@ def test_upsampling_folded_into_resample_equals_interpolate_then_sample():
     low = torch.randn(8, 8, 8)
     up = F.interpolate(low[None, None], size=(32,) * 3, mode="trilinear", align_corners=False)[0, 0]
     target_to_source = np.array([[0, 0, -0.7, 30.2], [1.3, 0, 0, -2.0], [0, 0.5, 0, 3.3], [0, 0, 0, 1]])
-    folded = resample(low, target_to_source, (20, 25, 40), outside="border", upsample_to=32)
-    explicit = resample(up, target_to_source, (20, 25, 40), outside="border")
+    folded = torch.from_numpy(resample(low, target_to_source, (20, 25, 40), outside="border", upsample_to=32))
+    explicit = torch.from_numpy(resample(up, target_to_source, (20, 25, 40), outside="border"))
     torch.testing.assert_close(folded, explicit, atol=1e-5, rtol=0)
     # against grid_sample for the explicit step (x, y, z of grid_sample = axes 2, 1, 0)
     t = torch.from_numpy(np.stack(np.meshgrid(*[np.arange(n) for n in (20, 25, 40)], indexing="ij"), -1)).double()
@@ -201,6 +211,20 @@ def test_mask_survives_crop_and_paste(size, spacing, case, shape, voxel, centre_
 
     assert dice(back, mask[box]) > 0.95
     assert back.shape == tuple(s.stop - s.start for s in box)
+
+
+def test_oblique_volume_crops_along_its_own_axes():
+    angle = np.radians(20)
+    rotation = np.array([[np.cos(angle), -np.sin(angle), 0], [np.sin(angle), np.cos(angle), 0], [0, 0, 1]])
+    affine = np.eye(4)
+    affine[:3, :3] = rotation @ np.diag([2.036, 2.036, 3.0])
+    affine[:3, 3] = (-60.0, -50.0, -90.0)
+    shape = (60, 60, 60)
+    mask = ball(shape, affine, affine[:3, :3] @ [30, 30, 30] + affine[:3, 3], 25.0).astype(np.uint8)
+    geometry, _ = place_crop(affine, shape, [[30, 30, 30]], 64, 1.5)
+    np.testing.assert_allclose(np.asarray(geometry.axes), rotation.T, atol=1e-9)
+    box, logits = paste_logits(crop_volume(mask, affine, geometry) - 0.5, geometry, affine, shape)
+    assert dice(logits > 0, mask[box]) > 0.95
 
 
 def test_lps_and_permuted_copies_give_the_same_crop():
@@ -304,8 +328,13 @@ def test_cache_is_bounded_lru(small_model):
 
 
 def test_previous_prediction_becomes_the_mask_prompt_and_clicks_accumulate(small_model):
-    dense_inputs = []
-    handle = small_model.mask_decoder.register_forward_hook(lambda _m, args, _o: dense_inputs.append(args[3]))
+    dense_inputs, mask_prompts = [], []
+    handles = [
+        small_model.mask_decoder.register_forward_hook(lambda _m, args, _o: dense_inputs.append(args[3])),
+        small_model.prompt_encoder.register_forward_pre_hook(
+            lambda _m, _a, kwargs: mask_prompts.append(kwargs["masks"]), with_kwargs=True
+        ),
+    ]
     try:
         predictor = Predictor(small_model, max_windows=1)
         session = predictor.set_volume(blob_volume(), "blobs")
@@ -313,11 +342,16 @@ def test_previous_prediction_becomes_the_mask_prompt_and_clicks_accumulate(small
         second = session.predict(background=[[26, 19, 37]], previous=first)
         moved = session.predict(foreground=[[5, 40, 5]], previous=second)  # the crop moves: pasted mask
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
     no_mask = small_model.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1, 1).expand_as(dense_inputs[0])
     torch.testing.assert_close(dense_inputs[0], no_mask)
     assert not torch.allclose(dense_inputs[1], no_mask) and not torch.allclose(dense_inputs[2], no_mask)
     assert second.geometry == first.geometry and moved.geometry != first.geometry
+    # same crop: the previous low-res logits themselves; moved crop: the pasted mask as +-8 logits
+    assert mask_prompts[0] is None
+    torch.testing.assert_close(mask_prompts[1], first.low_res_logits)
+    assert mask_prompts[2].abs().max() <= 8.0 and mask_prompts[2].min() == -8.0
     assert second.foreground == ((24, 19, 37),) and second.background == ((26, 19, 37),)
     assert moved.foreground == ((24, 19, 37), (5, 40, 5))
     # re-clicking a foreground voxel as background moves it
@@ -328,11 +362,36 @@ def test_previous_prediction_becomes_the_mask_prompt_and_clicks_accumulate(small
     assert again.foreground == moved.foreground and again.background == moved.background
 
 
+def test_box_and_clicks_reach_the_prompt_encoder_in_crop_indices(small_model):
+    volume = blob_volume(shape=(40, 36, 30), spacing=(2.036, 2.036, 3.0))
+    suv, affine = same_image(volume.suv, volume.affine, flip=(0, 1))  # LPS: the box corners swap in the crop
+    seen = {}
+    handle = small_model.prompt_encoder.register_forward_pre_hook(
+        lambda _m, _args, kwargs: seen.update(kwargs), with_kwargs=True
+    )
+    try:
+        session = Predictor(small_model, max_windows=1).set_volume(PETVolume(suv, affine))
+        box = ((10, 12, 8), (18, 20, 16))
+        prediction = session.predict(box=box)
+        boxes_alone, points_alone = seen["boxes"], seen["points"]
+        session.predict(foreground=[[14, 15, 12]], box=box)
+    finally:
+        handle.remove()
+    corners = prediction.geometry.stored_to_crop(affine, box)
+    expected = np.concatenate([corners.min(axis=0), corners.max(axis=0)])
+    np.testing.assert_allclose(boxes_alone[0].numpy(), expected, atol=1e-4)
+    assert corners[0, 0] > corners[1, 0]  # stored axis 0 runs right to left
+    assert points_alone is None
+    coords, labels = seen["points"]
+    np.testing.assert_allclose(coords[0].numpy(), prediction.geometry.stored_to_crop(affine, [[14, 15, 12]]), atol=1e-4)
+    assert labels.tolist() == [[1]]
+
+
 def test_same_inputs_same_mask(small_model):
     volume = blob_volume()
     masks = []
     for _ in range(2):
-        predictor = Predictor(small_model, max_windows=2)
+        predictor = Predictor(small_model, max_windows=1)
         masks.append(predictor.set_volume(volume).predict(foreground=[[24, 19, 37]], box=((20, 15, 30), (28, 24, 44))))
     np.testing.assert_array_equal(masks[0].mask, masks[1].mask)
     assert masks[0].iou == masks[1].iou
@@ -351,7 +410,7 @@ def test_lps_copy_gives_the_same_mask_as_ras(small_model):
 
 
 def test_sessions_on_two_volumes_in_two_threads_match_sequential_results(small_model):
-    predictor = Predictor(small_model, max_windows=2)
+    predictor = Predictor(small_model, max_windows=1)
     jobs = [(blob_volume(seed=0), "a", [[24, 19, 37]]), (blob_volume(seed=1), "b", [[10, 30, 20]])]
 
     def run(job):
@@ -403,6 +462,20 @@ def test_extension_windows_only_where_the_volume_continues():
     top, _ = place_crop(affine, shape, [[64, 64, 239]], SMALL.crop_size, SMALL.spacing_mm)
     assert top.volume_extent(affine, shape)[1][2] <= SMALL.crop_size - 0.5
     assert extension_windows(mask, top, affine, shape) == []
+
+
+def test_overlapping_windows_merge_by_the_larger_logit():
+    affine = affine_of((4.0, 4.0, 4.0))
+    shape = (60, 60, 120)
+    first, _ = place_crop(affine, shape, [[30, 30, 40]], SMALL.crop_size, SMALL.spacing_mm)
+    second = first.shifted([0, 0, SMALL.crop_size // 2])
+    low_res = (SMALL.low_res_size,) * 3
+    yes, no = torch.full(low_res, 2.0), torch.full(low_res, -2.0)
+    for windows in ([(first, yes), (second, no)], [(second, no), (first, yes)]):
+        mask = paste_mask(windows, affine, shape)
+        np.testing.assert_array_equal(mask[first.covered_box(affine, shape)], 1)  # overlap included
+        assert mask.sum() == np.prod([s.stop - s.start for s in first.covered_box(affine, shape)])
+    assert paste_mask([(first, no), (second, no)], affine, shape).sum() == 0
 
 
 class _Pool(nn.Module):

@@ -20,8 +20,14 @@ axis-permuted copy of a volume gives the same crop as its RAS copy, and every ma
 and a crop is separable: each crop axis reads one stored axis through a 1-D affine map. Resampling is then
 three small matrix products (exact trilinear interpolation) over the crop's region only, never the volume.
 
+A click is answered by one crop centred on the prompts (`place_crop`); when the mask reaches a crop face
+and the volume goes on, further crops shifted by half a crop follow it (`extension_windows`), up to
+``max_windows``, and their logits are merged by maximum. A previous prediction is the mask prompt of the
+next click, SAM-style, with all clicks so far.
+
 Training and scoring reuse the same pieces: `place_crop` (where a crop goes), `crop_volume` (a volume
-region -> model input grid), `normalise`, and `paste_logits` (crop logits -> the stored grid).
+region -> model input grid), `normalise`, `paste_logits` (crop logits -> the stored grid) and `paste_mask`
+(windows -> one mask).
 """
 
 from __future__ import annotations
@@ -75,6 +81,18 @@ def _translation(offset) -> np.ndarray:
     return matrix
 
 
+def invert_affine(matrix) -> np.ndarray:
+    """Inverse of a 4x4 affine through the 3x3 adjugate (LAPACK's inv costs ~0.5 ms a call here: threads)."""
+    matrix = np.asarray(matrix, dtype=float)
+    c0, c1, c2 = matrix[:3, :3].T
+    rows = np.array([np.cross(c1, c2), np.cross(c2, c0), np.cross(c0, c1)])
+    linear = rows / np.dot(c0, rows[0])
+    inverse = np.eye(4)
+    inverse[:3, :3] = linear
+    inverse[:3, 3] = -linear @ matrix[:3, 3]
+    return inverse
+
+
 def _apply(matrix: np.ndarray, points) -> np.ndarray:
     points = np.asarray(points, dtype=float).reshape(-1, 3)
     return points @ matrix[:3, :3].T + matrix[:3, 3]
@@ -120,11 +138,11 @@ class CropGeometry:
 
     def to_stored(self, volume_affine) -> np.ndarray:
         """4x4: crop index -> stored voxel index of a volume."""
-        return np.linalg.inv(np.asarray(volume_affine, dtype=float)) @ self.affine
+        return invert_affine(volume_affine) @ self.affine
 
     def from_stored(self, volume_affine) -> np.ndarray:
         """4x4: stored voxel index of a volume -> crop index."""
-        return np.linalg.inv(self.affine) @ np.asarray(volume_affine, dtype=float)
+        return invert_affine(self.affine) @ np.asarray(volume_affine, dtype=float)
 
     def stored_to_crop(self, volume_affine, ijk) -> np.ndarray:
         """Stored voxel indices (N, 3) -> crop indices (N, 3), float."""
@@ -191,31 +209,31 @@ def _snapped_shift(low: float, high: float, size: int, margin: int, step: int) -
 # Separable trilinear resampling
 
 
-def interpolation_matrix(coords, n_source: int, outside: str = "zero") -> torch.Tensor:
-    """(len(coords), n_source) weights of linear interpolation at ``coords`` (source voxel indices).
+def interpolation_matrix(coords, n_source: int, outside: str = "zero") -> np.ndarray:
+    """(len(coords), n_source) float32 weights of linear interpolation at ``coords`` (source voxel indices).
 
     ``outside="zero"``: the source is zero beyond its ends (background SUV 0); ``"border"``: it repeats
     its edge values.
     """
-    coords = torch.as_tensor(coords, dtype=torch.float64)
+    coords = np.asarray(coords, dtype=np.float64)
     if outside == "border":
-        coords = coords.clamp(0, n_source - 1)
+        coords = np.clip(coords, 0, n_source - 1)
     elif outside != "zero":
         raise ValueError(f"outside must be 'zero' or 'border', not {outside!r}")
-    low = torch.floor(coords)
+    low = np.floor(coords)
     frac = coords - low
-    low = low.long()
-    rows = torch.arange(len(coords))
-    matrix = torch.zeros(len(coords), n_source, dtype=torch.float64)
+    low = low.astype(np.int64)
+    rows = np.arange(len(coords))
+    matrix = np.zeros((len(coords), n_source))
     for tap, weight in ((low, 1 - frac), (low + 1, frac)):
         valid = (tap >= 0) & (tap < n_source)
-        matrix.index_put_((rows[valid], tap[valid]), weight[valid], accumulate=True)
-    return matrix.float()
+        np.add.at(matrix, (rows[valid], tap[valid]), weight[valid])
+    return matrix.astype(np.float32)
 
 
-def upsample_matrix(n_low: int, n_high: int) -> torch.Tensor:
+def upsample_matrix(n_low: int, n_high: int) -> np.ndarray:
     """(n_high, n_low) weights of ``F.interpolate(mode="trilinear", align_corners=False)`` along one axis."""
-    coords = ((torch.arange(n_high, dtype=torch.float64) + 0.5) * (n_low / n_high) - 0.5).clamp(min=0)
+    coords = np.maximum((np.arange(n_high) + 0.5) * (n_low / n_high) - 0.5, 0)
     return interpolation_matrix(coords, n_low, "border")
 
 
@@ -238,14 +256,15 @@ def _axis_coordinates(target_to_source: np.ndarray, target_shape) -> tuple[tuple
 
 
 def resample(source, target_to_source, target_shape, outside: str = "zero", upsample_to: int | None = None):
-    """Trilinear resampling of a 3D tensor onto a grid whose axes are parallel to the source's.
+    """Trilinear resampling of a 3D array onto a grid whose axes are parallel to the source's: float32 array.
 
     ``target_to_source`` (4x4) maps target indices to source indices. With ``upsample_to``, the source is
     first seen as upsampled trilinearly to that many voxels per side, exactly as ``F.interpolate`` does for
     low-res logits; both steps are folded into the per-axis weight matrices, so the upsampled volume is never
     built.
     """
-    source = torch.as_tensor(source).float()
+    source = source.numpy() if isinstance(source, torch.Tensor) else np.asarray(source)
+    source = source.astype(np.float32, copy=False)
     source_axes, coords = _axis_coordinates(target_to_source, target_shape)
     matrices = []
     for axis, coord in zip(source_axes, coords, strict=True):
@@ -254,14 +273,14 @@ def resample(source, target_to_source, target_shape, outside: str = "zero", upsa
             matrices.append(interpolation_matrix(coord, n, outside))
         else:
             matrices.append(interpolation_matrix(coord, upsample_to, outside) @ upsample_matrix(n, upsample_to))
-    x = source.permute(*source_axes)
-    n0, n1, n2 = x.shape
-    # out[a, b, c] = sum_ijk W0[a, i] W1[b, j] W2[c, k] x[i, j, k], one axis at a time
-    x = (matrices[0] @ x.reshape(n0, n1 * n2)).reshape(-1, n1, n2)
-    x = matrices[1] @ x
-    return x @ matrices[2].T
-
-
+    # out[a, b, c] = sum_ijk W0[a, i] W1[b, j] W2[c, k] source[axes: i, j, k], one axis at a time. In numpy:
+    # OpenBLAS runs products this small on one thread, so they stay fast while torch's threads are busy.
+    x, axes_now = source, [("source", 0), ("source", 1), ("source", 2)]
+    for target_axis, (matrix, axis) in enumerate(zip(matrices, source_axes, strict=True)):
+        position = axes_now.index(("source", axis))
+        x = np.tensordot(matrix, x, axes=([1], [position]))  # the new target axis comes first
+        axes_now = [("target", target_axis)] + axes_now[:position] + axes_now[position + 1 :]
+    return np.ascontiguousarray(x.transpose([axes_now.index(("target", a)) for a in range(3)]))
 def crop_volume(array: np.ndarray, affine, geometry: CropGeometry) -> torch.Tensor:
     """A volume region on the crop grid: (size, size, size) float32, trilinear, zero outside the volume.
 
@@ -277,8 +296,8 @@ def crop_volume(array: np.ndarray, affine, geometry: CropGeometry) -> torch.Tens
     high = np.minimum(np.ceil(stored.max(axis=0)) + 1, array.shape).astype(int)
     if np.any(high <= low):
         return torch.zeros((size, size, size))
-    block = np.ascontiguousarray(array[tuple(slice(lo, hi) for lo, hi in zip(low, high, strict=True))], np.float32)
-    return resample(torch.from_numpy(block), _translation(-low) @ to_stored, (size,) * 3, outside="zero")
+    block = array[tuple(slice(lo, hi) for lo, hi in zip(low, high, strict=True))]
+    return torch.from_numpy(resample(block, _translation(-low) @ to_stored, (size,) * 3, outside="zero"))
 
 
 def paste_logits(logits, geometry: CropGeometry, affine, shape) -> tuple[tuple[slice, ...], np.ndarray] | None:
@@ -292,12 +311,35 @@ def paste_logits(logits, geometry: CropGeometry, affine, shape) -> tuple[tuple[s
     box = geometry.covered_box(affine, shape)
     if box is None:
         return None
-    logits = torch.as_tensor(logits)
     upsample_to = None if logits.shape[0] == geometry.size else geometry.size
     stored_to_crop = geometry.from_stored(affine) @ _translation([s.start for s in box])
     block_shape = tuple(s.stop - s.start for s in box)
-    block = resample(logits, stored_to_crop, block_shape, outside="border", upsample_to=upsample_to)
-    return box, block.numpy()
+    return box, resample(logits, stored_to_crop, block_shape, outside="border", upsample_to=upsample_to)
+
+
+def paste_mask(windows, affine, shape) -> np.ndarray:
+    """The mask of one or more windows on the stored grid, uint8.
+
+    ``windows``: (geometry, logits) pairs, logits as for `paste_logits`. Where windows overlap the larger
+    logit wins (the most confident window), then the logits are thresholded at 0. Only the bounding box
+    of the windows is computed; the full-size mask is allocated once, zero elsewhere.
+    """
+    placed = [paste_logits(logits, geometry, affine, shape) for geometry, logits in windows]
+    placed = [item for item in placed if item is not None]
+    mask = np.zeros(shape, dtype=np.uint8)
+    if not placed:
+        return mask
+    starts = [min(box[a].start for box, _ in placed) for a in range(3)]
+    stops = [max(box[a].stop for box, _ in placed) for a in range(3)]
+    if len(placed) == 1:
+        merged = placed[0][1]
+    else:
+        merged = np.full([hi - lo for lo, hi in zip(starts, stops, strict=True)], -np.inf, np.float32)
+        for box, block in placed:
+            local = tuple(slice(s.start - lo, s.stop - lo) for s, lo in zip(box, starts, strict=True))
+            np.maximum(merged[local], block, out=merged[local])
+    mask[tuple(slice(lo, hi) for lo, hi in zip(starts, stops, strict=True))] = merged > 0
+    return mask
 
 
 def normalise(crop: torch.Tensor, method: str) -> torch.Tensor:
@@ -449,6 +491,10 @@ class Predictor:
     region (crop centres are snapped, see `place_crop`) skips the encoder, which is almost all of the cost.
     Two threads missing the same key at once both encode; the result is the same.
 
+    Model calls take turns (a second lock); cropping, pasting and planning run in parallel. One forward
+    pass already uses every core torch is given, and two at once oversubscribe them: on the 2-core
+    machines, a 11 ms decode took 0.1-0.7 s while another thread was busy with torch.
+
     ``dtype`` ("bfloat16" or "float32") switches the image encoder's weights (``Sam3D.to_inference_dtype``);
     None keeps the model as it is. ``max_windows`` caps the crops spent on one object.
     """
@@ -464,7 +510,8 @@ class Predictor:
         self.cache_size = cache_size
         self.max_windows = max_windows
         self._cache: OrderedDict[tuple, torch.Tensor] = OrderedDict()
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # the cache
+        self._model_lock = threading.Lock()
         self._last_session: VolumeSession | None = None
 
     def set_volume(self, volume: PETVolume, volume_id: str | None = None) -> VolumeSession:
@@ -512,7 +559,7 @@ class Predictor:
         crop = crop_volume(session.volume.suv, session.volume.affine, geometry)
         image = normalise(crop, self.preset.normalisation)
         encoding = time.perf_counter()
-        with torch.no_grad():
+        with self._model_lock, torch.no_grad():
             embedding = self.model.image_encoder(image[None, None].to(self.device, dtype)).float()
         latencies["crop"] += encoding - started
         latencies["encode"] += time.perf_counter() - encoding
@@ -530,7 +577,7 @@ class Predictor:
         ``mask_prompt`` (L, L, L) logits or None.
         """
         device = self.device
-        with torch.no_grad():
+        with self._model_lock, torch.no_grad():
             point_prompt = None
             if len(points):
                 point_prompt = (
@@ -567,6 +614,30 @@ class VolumeSession:
         prompt, as SAM refines. The mask is the maximum of the logits of every window, thresholded at 0.
         """
         started = time.perf_counter()
+        foreground, background, box = self._prompts_so_far(foreground, background, box, previous)
+        latencies = dict.fromkeys(LATENCY_KEYS, 0.0)
+        results, notes = self._follow_object(foreground, background, box, previous, latencies)
+        mask = self._paste(results, latencies)
+        latencies["total"] = time.perf_counter() - started
+        first = results[0]
+        return Prediction(
+            mask=mask,
+            low_res_logits=first.low_res_logits,
+            geometry=first.geometry,
+            iou=first.iou,
+            windows=len(results),
+            cache_hit=all(result.cache_hit for result in results),
+            latencies=latencies,
+            foreground=foreground,
+            background=background,
+            box=box,
+            volume_id=self.volume_id,
+            window_results=tuple(results),
+            notes=tuple(notes),
+        )
+
+    def _prompts_so_far(self, foreground, background, box, previous):
+        """Validated prompts (stored voxel indices), with those of the previous prediction."""
         shape = self.volume.shape
         new_foreground = parse_clicks(foreground, shape, "foreground")
         new_background = parse_clicks(background, shape, "background")
@@ -580,34 +651,33 @@ class VolumeSession:
             foreground, background = tuple(dict.fromkeys(new_foreground)), tuple(dict.fromkeys(new_background))
         if not foreground and box is None:
             raise PromptError("no prompt on the object: click at least once on the object or draw a box")
+        return foreground, background, box
 
-        latencies = dict.fromkeys(LATENCY_KEYS, 0.0)
+    def _follow_object(self, foreground, background, box, previous, latencies) -> tuple[list[WindowResult], list]:
+        """The first window, centred on the prompts, then windows past every face the object leaves through
+        (breadth first, so it grows evenly in all directions) until it stops or ``max_windows`` is reached."""
+        preset, affine, shape = self.predictor.preset, self.volume.affine, self.volume.shape
         notes = []
-        preset = self.predictor.preset
-        affine = self.volume.affine
-        # Centre on the box and the foreground clicks; if they do not fit, on the box centre or first click.
         placement = list(foreground)
-        if box is not None:
-            placement = [tuple((np.add(box[0], box[1])) / 2), *box, *placement]
+        if box is not None:  # the box centre first: the anchor when the prompts do not fit one crop
+            placement = [tuple(np.add(box[0], box[1]) / 2), *box, *placement]
         geometry, fits = place_crop(affine, shape, placement, preset.crop_size, preset.spacing_mm)
         if not fits:
+            anchor = "box centre" if box is not None else "first foreground click"
             notes.append(
-                "the prompts span more than one crop: the first crop is centred on the "
-                + ("box centre" if box is not None else "first foreground click")
-                + "; prompts outside it are used by the windows that contain them"
+                f"the prompts span more than one crop: the first crop is centred on the {anchor}; "
+                "prompts outside it count only in extra windows that contain them"
             )
-
         mask_prompt = self._mask_prompt(geometry, previous, latencies)
-        first = self._window(geometry, foreground, background, box, [], mask_prompt, latencies)
-        results = [first]
+        results = [self._window(geometry, foreground, background, box, [], mask_prompt, latencies)]
         seen = {geometry}
-        queue = deque([first])
+        queue = deque(results)
         capped = False
         while queue:
             parent = queue.popleft()
-            started_plan = time.perf_counter()
+            started = time.perf_counter()
             candidates = extension_windows(parent.low_res_logits[0, 0] > 0, parent.geometry, affine, shape)
-            latencies["plan"] += time.perf_counter() - started_plan
+            latencies["plan"] += time.perf_counter() - started
             for candidate in candidates:
                 if candidate in seen:
                     continue
@@ -624,24 +694,7 @@ class VolumeSession:
                 f"the object reaches past {self.predictor.max_windows} windows (max_windows): "
                 "it may continue beyond the mask"
             )
-
-        mask = self._paste(results, latencies)
-        latencies["total"] = time.perf_counter() - started
-        return Prediction(
-            mask=mask,
-            low_res_logits=first.low_res_logits,
-            geometry=first.geometry,
-            iou=first.iou,
-            windows=len(results),
-            cache_hit=all(result.cache_hit for result in results),
-            latencies=latencies,
-            foreground=foreground,
-            background=background,
-            box=box,
-            volume_id=self.volume_id,
-            window_results=tuple(results),
-            notes=tuple(notes),
-        )
+        return results, notes
 
     def _check_previous(self, previous: Prediction) -> None:
         if previous.volume_id != self.volume_id or previous.mask.shape != self.volume.shape:
@@ -701,10 +754,11 @@ class VolumeSession:
         # low-res voxel l is crop voxel factor * l + (factor - 1) / 2 (centre of the voxels it upsamples to)
         low_res_to_crop = np.diag([factor, factor, factor, 1.0])
         low_res_to_crop[:3, 3] = (factor - 1) / 2
-        to_parent = np.linalg.inv(parent.geometry.affine) @ geometry.affine @ low_res_to_crop
+        to_parent = invert_affine(parent.geometry.affine) @ geometry.affine @ low_res_to_crop
         carried = resample(
             parent.low_res_logits[0, 0], to_parent, (low_res,) * 3, outside="border", upsample_to=geometry.size
         )
+        carried = torch.from_numpy(carried)
         _, coords = _axis_coordinates(to_parent, (low_res,) * 3)
         inside = [torch.from_numpy((c >= -0.5) & (c <= geometry.size - 0.5)) for c in coords]
         overlap = inside[0][:, None, None] & inside[1][None, :, None] & inside[2][None, None, :]
@@ -723,23 +777,8 @@ class VolumeSession:
         return self._window(geometry, foreground, background, box, seeds, prior, latencies)
 
     def _paste(self, results: list[WindowResult], latencies) -> np.ndarray:
-        """Windows' logits onto the stored grid (maximum where they overlap), thresholded at 0, as uint8."""
         started = time.perf_counter()
-        affine, shape = self.volume.affine, self.volume.shape
-        placed = [paste_logits(r.low_res_logits[0, 0], r.geometry, affine, shape) for r in results]
-        placed = [p for p in placed if p is not None]
-        mask = np.zeros(shape, dtype=np.uint8)
-        if placed:
-            starts = [min(box[a].start for box, _ in placed) for a in range(3)]
-            stops = [max(box[a].stop for box, _ in placed) for a in range(3)]
-            union = tuple(slice(lo, hi) for lo, hi in zip(starts, stops, strict=True))
-            if len(placed) == 1:
-                merged = placed[0][1]
-            else:
-                merged = np.full([hi - lo for lo, hi in zip(starts, stops, strict=True)], -np.inf, np.float32)
-                for box, block in placed:
-                    local = tuple(slice(s.start - lo, s.stop - lo) for s, lo in zip(box, starts, strict=True))
-                    np.maximum(merged[local], block, out=merged[local])
-            mask[union] = merged > 0
+        windows = [(result.geometry, result.low_res_logits[0, 0]) for result in results]
+        mask = paste_mask(windows, self.volume.affine, self.volume.shape)
         latencies["paste"] += time.perf_counter() - started
         return mask
