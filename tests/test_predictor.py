@@ -516,6 +516,7 @@ class ThresholdModel(nn.Module):
         self.image_encoder = _Pool(SMALL.low_res_size)
         self.prompt_encoder = _NoPrompts()
         self.mask_decoder = _Threshold(float(np.log1p(inside_suv) + np.log1p(outside_suv)) / 2)
+        self.inference_dtype = "float32"
 
 
 def rod_volume():

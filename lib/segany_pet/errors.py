@@ -15,6 +15,12 @@ class PromptError(UserInputError):
     """A click or box that cannot be used (outside the volume, wrong type, none given)."""
 
 
+class SessionNotFoundError(UserInputError):
+    """A request to refine a result this server does not hold (expired, reset, or another client's)."""
+
+    status_code = 409
+
+
 class UnknownImageError(UserInputError):
     """An image id that the datastore does not hold."""
 

@@ -495,7 +495,7 @@ class Predictor:
     pass already uses every core torch is given, and two at once oversubscribe them: on the 2-core
     machines, a 11 ms decode took 0.1-0.7 s while another thread was busy with torch.
 
-    ``dtype`` ("bfloat16" or "float32") switches the image encoder's weights (``Sam3D.to_inference_dtype``);
+    ``dtype`` ("bfloat16" or "float32") sets how the image encoder computes (``Sam3D.to_inference_dtype``);
     None keeps the model as it is. ``max_windows`` caps the crops spent on one object.
     """
 
@@ -537,10 +537,6 @@ class Predictor:
         with self._lock:
             self._cache.clear()
 
-    @property
-    def encoder_dtype(self) -> torch.dtype:
-        return next(self.model.image_encoder.parameters()).dtype
-
     def embedding(
         self, session: VolumeSession, geometry: CropGeometry, latencies: dict | None = None
     ) -> tuple[torch.Tensor, bool]:
@@ -549,8 +545,7 @@ class Predictor:
         Adds the seconds spent to ``latencies["crop"]`` and ``["encode"]`` when given.
         """
         latencies = latencies if latencies is not None else dict.fromkeys(LATENCY_KEYS, 0.0)
-        dtype = self.encoder_dtype
-        key = (session.volume_id, geometry, self.preset.name, str(dtype))
+        key = (session.volume_id, geometry, self.preset.name, self.model.inference_dtype)
         with self._lock:
             if key in self._cache:
                 self._cache.move_to_end(key)
@@ -560,7 +555,7 @@ class Predictor:
         image = normalise(crop, self.preset.normalisation)
         encoding = time.perf_counter()
         with self._model_lock, torch.no_grad():
-            embedding = self.model.image_encoder(image[None, None].to(self.device, dtype)).float()
+            embedding = self.model.image_encoder(image[None, None].to(self.device)).float()
         latencies["crop"] += encoding - started
         latencies["encode"] += time.perf_counter() - encoding
         with self._lock:

@@ -9,15 +9,20 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+import threading
 import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 
-from segany_pet.errors import PromptError
+from segany_pet.errors import PromptError, SessionNotFoundError
 from segany_pet.evaluate.baselines import METHODS, segment_from_clicks
+from segany_pet.label.models import ServedModel
 from segany_pet.pet import VolumeCache, quantify, save_mask
+from segany_pet.predictor import Prediction, VolumeSession
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +63,32 @@ def result_path(request: dict) -> tuple[str, bool]:
     return path, compress
 
 
+def write_reply(volume, mask: np.ndarray, request: dict, params: dict, latencies: dict) -> tuple[str, dict]:
+    """Quantify a mask on its SUV image and write it in the client's format: (file, reply params).
+
+    ``latencies`` (seconds spent so far, by stage) gains ``quantify``, ``write`` and ``total``.
+    """
+    started = time.perf_counter()
+    numbers = quantify(volume.suv, mask, volume.spacing)
+    quantified = time.perf_counter()
+    path, compress = result_path(request)
+    save_mask(mask.astype(np.uint8, copy=False), volume.affine, path, compress=compress)
+    latencies = {**latencies, "quantify": quantified - started, "write": time.perf_counter() - quantified}
+    latencies["total"] = sum(latencies.values())
+    reply = {
+        "label_names": LESION_LABELS,
+        **params,
+        "quantification": numbers,
+        "latencies": {stage: round(seconds, 4) for stage, seconds in latencies.items()},
+    }
+    return path, reply
+
+
+def summary(params: dict) -> str:
+    total = params["quantification"]["total"]
+    return f"{total['count']} lesion(s), MTV {total['mtv_ml']:.2f} mL, {params['latencies']['total']:.3f} s"
+
+
 class SUVThresholdInfer(InferTask):
     """Seeded SUV threshold segmentation from clicks: the classical baseline annotators know.
 
@@ -90,8 +121,7 @@ class SUVThresholdInfer(InferTask):
             raise PromptError(f"method {method!r} is unknown; choose one of {list(METHODS)}")
 
         volume = self.volumes.load(request["image"])
-        loaded = time.perf_counter()
-
+        latencies = {"load": time.perf_counter() - started}
         mask = segment_from_clicks(
             volume.suv,
             volume.spacing,
@@ -104,32 +134,155 @@ class SUVThresholdInfer(InferTask):
             region = parse_roi(request["roi"], volume.shape)
             inside[region] = mask[region]
             mask = inside
-        segmented = time.perf_counter()
+        latencies["segment"] = time.perf_counter() - started - latencies["load"]
 
-        numbers = quantify(volume.suv, mask, volume.spacing)
-        quantified = time.perf_counter()
+        path, params = write_reply(volume, mask, request, {"method": method}, latencies)
+        logger.info("suv_threshold %s: %s", method, summary(params))
+        return path, params
 
-        path, compress = result_path(request)
-        save_mask(mask.astype(np.uint8), volume.affine, path, compress=compress)
-        written = time.perf_counter()
 
+def roi_to_box(roi: Any, shape: tuple[int, int, int]) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
+    """Slicer's ROI ``[x0, x1, y0, y1, z0, z1]`` as the predictor's box: (min corner, max corner)."""
+    region = parse_roi(roi, shape)
+    return tuple(s.start for s in region), tuple(s.stop - 1 for s in region)
+
+
+def clicks_from_request(request: dict) -> tuple[list, list]:
+    """Foreground and background clicks in either wire format.
+
+    deepgrow (OHIF, Slicer): ``foreground`` / ``background``; vista3d (OHIF): ``points`` with
+    ``point_labels`` (1 foreground, 0 background).
+    """
+    if "points" not in request:
+        return request.get("foreground") or [], request.get("background") or []
+    points, labels = request.get("points") or [], request.get("point_labels")
+    if not isinstance(points, list) or not isinstance(labels, list) or len(labels) != len(points):
+        raise PromptError("points need point_labels: one label (1 foreground, 0 background) per point")
+    if any(label not in (0, 1) for label in labels):
+        raise PromptError(f"point_labels must be 1 (foreground) or 0 (background), got {labels!r}")
+    return (
+        [point for point, label in zip(points, labels, strict=True) if label == 1],
+        [point for point, label in zip(points, labels, strict=True) if label == 0],
+    )
+
+
+@dataclass
+class AnnotationState:
+    """One annotator on one scan: the predictor session and the last result, the next click's mask prompt."""
+
+    session: VolumeSession
+    last: Prediction | None = None
+    touched: float = field(default_factory=time.monotonic)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+class AnnotationSessions:
+    """Refinement state per (client id, image), so annotators never see each other's masks.
+
+    Bounded: the least recently used states beyond ``capacity`` and any idle past ``ttl_s`` are dropped.
+    """
+
+    def __init__(self, capacity: int = 64, ttl_s: float = 3600.0):
+        self.capacity = capacity
+        self.ttl_s = ttl_s
+        self._states: OrderedDict[tuple[str, str], AnnotationState] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple[str, str]) -> AnnotationState | None:
+        with self._lock:
+            self._expire()
+            state = self._states.get(key)
+            if state is not None:
+                self._states.move_to_end(key)
+                state.touched = time.monotonic()
+            return state
+
+    def put(self, key: tuple[str, str], state: AnnotationState) -> None:
+        with self._lock:
+            self._states[key] = state
+            self._states.move_to_end(key)
+            while len(self._states) > self.capacity:
+                self._states.popitem(last=False)
+
+    def drop(self, key: tuple[str, str]) -> None:
+        with self._lock:
+            self._states.pop(key, None)
+
+    def _expire(self) -> None:
+        now = time.monotonic()
+        for key in [key for key, state in self._states.items() if now - state.touched > self.ttl_s]:
+            del self._states[key]
+
+
+class PromptableSegmentationInfer(InferTask):
+    """The 3D SAM from clicks and boxes, refined click by click, with the PET numbers of its mask.
+
+    Params: ``foreground`` / ``background`` clicks (or vista3d's ``points`` + ``point_labels``), a box as
+    Slicer's ``roi`` ``[x0, x1, y0, y1, z0, z1]`` or ``box`` ``[[i0, j0, k0], [i1, j1, k1]]`` (voxel
+    indices of the stored image), ``client_id``. With a client id, the previous mask of the same client on
+    the same image is the mask prompt of the next click (``reset: true`` starts over; ``refine: true``
+    insists on a previous result and fails if there is none). Without a client id every request stands
+    alone, so anonymous annotators never share state.
+    """
+
+    def __init__(
+        self,
+        served: ServedModel,
+        volumes: VolumeCache,
+        sessions: AnnotationSessions,
+        infer_type: str = InferType.DEEPGROW,
+        description: str = "SegAnyPET 3D SAM: lesion or organ from clicks and boxes",
+    ):
+        super().__init__(type=infer_type, labels=LESION_LABELS, dimension=3, description=description)
+        self.served = served
+        self.volumes = volumes
+        self.sessions = sessions
+
+    def is_valid(self) -> bool:
+        return True  # listed even when its weights are missing: /info then says why it cannot answer
+
+    def info(self) -> dict:
+        return {**super().info(), "model": self.served.describe()}
+
+    def __call__(self, request: dict) -> tuple[str, dict]:
+        started = time.perf_counter()
+        predictor = self.served.predictor()
+        volume = self.volumes.load(request["image"])
+        latencies = {"load": time.perf_counter() - started}
+
+        foreground, background = clicks_from_request(request)
+        box = request.get("box")
+        if request.get("roi"):
+            box = roi_to_box(request["roi"], volume.shape)
+        client = request.get("client_id")
+        key = (str(client), os.path.realpath(request["image"]))
+        if client and request.get("reset"):
+            self.sessions.drop(key)
+        state = self.sessions.get(key) if client else None
+        if request.get("refine") and state is None:
+            raise SessionNotFoundError(
+                f"no earlier result for client {client!r} on this image to refine: send the clicks without "
+                "refine (and with a client_id to keep refining)"
+            )
+        if state is None:
+            volume_id = f"{key[1]}@{os.stat(request['image']).st_mtime_ns}"
+            state = AnnotationState(predictor.set_volume(volume, volume_id))
+            if client:
+                self.sessions.put(key, state)
+
+        with state.lock:
+            prediction = state.session.predict(foreground, background, box, previous=state.last)
+            state.last = prediction
+        for stage in ("crop", "encode", "decode", "paste"):
+            latencies[stage] = prediction.latencies[stage]
         params = {
-            "label_names": LESION_LABELS,
-            "method": method,
-            "quantification": numbers,
-            "latencies": {
-                "load": round(loaded - started, 4),
-                "segment": round(segmented - loaded, 4),
-                "quantify": round(quantified - segmented, 4),
-                "write": round(written - quantified, 4),
-                "total": round(written - started, 4),
-            },
+            "iou": round(prediction.iou, 4),
+            "windows": prediction.windows,
+            "cache_hit": prediction.cache_hit,
+            "clicks": {"foreground": len(prediction.foreground), "background": len(prediction.background)},
+            "model": self.served.path.name,
+            "notes": list(prediction.notes),
         }
-        logger.info(
-            "suv_threshold %s: %d lesion(s), MTV %.2f mL, %.3f s",
-            method,
-            numbers["total"]["count"],
-            numbers["total"]["mtv_ml"],
-            written - started,
-        )
+        path, params = write_reply(volume, prediction.mask, request, params, latencies)
+        logger.info("%s for %s: %s", self.served.path.name, client or "anonymous", summary(params))
         return path, params
