@@ -2,6 +2,7 @@
 
 import logging
 import os
+from pathlib import Path
 
 from monailabel.config import settings
 from monailabel.datastore.local import LocalDatastore
@@ -11,18 +12,34 @@ from monailabel.tasks.activelearning.random import Random
 
 import segany_pet
 from segany_pet.errors import UnknownImageError
-from segany_pet.label.infer import LESION_LABELS, SUVThresholdInfer
+from segany_pet.label.infer import LESION_LABELS, AnnotationSessions, PromptableSegmentationInfer, SUVThresholdInfer
+from segany_pet.label.models import ServedModel
 from segany_pet.pet import VolumeCache
 
 logger = logging.getLogger(__name__)
 
+MODEL_DIR = Path(__file__).resolve().parents[2] / "model"
+DEFAULT_MODEL = "segany_pet_small.pt"
+
 
 class SegAnyPETApp(MONAILabelApp):
-    """Conf (``--conf key value``): ``threshold_method`` default method of ``suv_threshold``
-    (relative_41, relative_50, fixed_2.5, fixed_4.0); ``volume_cache`` scans kept in memory (4)."""
+    """Conf (``--conf key value``):
+
+    - ``model``: checkpoint in ``model/`` (or a path) served as ``segany_pet``: this project's default
+      model, a SAM-Med3D or a SegAnyPET file (default ``segany_pet_small.pt``);
+    - ``inference_dtype``: ``float32`` (default) or ``bfloat16`` for the image encoder;
+    - ``threshold_method``: default of ``suv_threshold`` (relative_41, relative_50, fixed_2.5, fixed_4.0);
+    - ``volume_cache``: scans kept in memory (4); ``sessions``: annotator sessions kept (64).
+    """
 
     def __init__(self, app_dir, studies, conf):
         self.volumes = VolumeCache(capacity=int(conf.get("volume_cache", 4)))
+        self.sessions = AnnotationSessions(capacity=int(conf.get("sessions", 64)))
+        model_file = Path(conf.get("model", DEFAULT_MODEL))
+        self.served_model = ServedModel(
+            model_file if model_file.is_absolute() else MODEL_DIR / model_file,
+            dtype=conf.get("inference_dtype"),
+        )
         super().__init__(
             app_dir=app_dir,
             studies=studies,
@@ -46,7 +63,13 @@ class SegAnyPETApp(MONAILabelApp):
 
     def init_infers(self):
         method = self.conf.get("threshold_method", "relative_41")
-        return {"suv_threshold": SUVThresholdInfer(default_method=method, volumes=self.volumes)}
+        shared = {"served": self.served_model, "volumes": self.volumes, "sessions": self.sessions}
+        return {
+            "segany_pet": PromptableSegmentationInfer(**shared),
+            # The same model for OHIF's vista3d panel, which sends points + point_labels.
+            "segany_pet_vista": PromptableSegmentationInfer(**shared, infer_type="vista3d"),
+            "suv_threshold": SUVThresholdInfer(default_method=method, volumes=self.volumes),
+        }
 
     def init_strategies(self):
         return {"random": Random(), "first": First()}
@@ -56,9 +79,11 @@ class SegAnyPETApp(MONAILabelApp):
         # Only the server has a FastAPI app; training/scoring subprocesses build this class too.
         from monailabel.app import app as fastapi_app
 
-        from segany_pet.label.server import install_error_handlers
+        from segany_pet.label.server import install_error_handlers, serve_infer_off_the_event_loop
 
         install_error_handlers(fastapi_app)
+        serve_infer_off_the_event_loop(fastapi_app)
+        self.served_model.start_loading()
 
     def infer(self, request, datastore=None):
         image = request.get("image")

@@ -1,12 +1,14 @@
-"""Server glue: project errors become 4xx answers that tell the client what to fix."""
+"""Server glue: project errors become 4xx answers that tell the client what to fix; infer runs off the event loop."""
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
 from monailabel.interfaces.exception import MONAILabelError, MONAILabelException
 
 from segany_pet.errors import UserInputError
@@ -43,3 +45,37 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(json.JSONDecodeError, _params_not_json)
     app.add_exception_handler(MONAILabelException, _monailabel_error)
     app.middleware_stack = None
+
+
+def serve_infer_off_the_event_loop(app: FastAPI) -> None:
+    """Run ``POST /infer/{model}`` in FastAPI's worker threads instead of on the event loop.
+
+    MONAI Label declares its infer endpoint ``async`` but computes synchronously inside it, which
+    stalls every other request (``/info``, other annotators) while a model runs. A plain function with
+    the same signature makes FastAPI run it in its thread pool; the work is MONAI Label's own.
+    """
+    from monailabel.endpoints import infer as infer_endpoint
+
+    found = [
+        (index, route)
+        for index, route in enumerate(app.router.routes)
+        if isinstance(route, APIRoute) and route.endpoint is infer_endpoint.api_run_inference
+    ]
+    if not found:
+        logger.warning("MONAI Label's infer route was not found; inference runs on the event loop")
+        return
+    index, route = found[0]
+
+    def run_inference_in_worker_thread(background_tasks, model, image, session_id, params, file, label, output, user):
+        return infer_endpoint.run_inference(background_tasks, model, image, session_id, params, file, label, output)
+
+    run_inference_in_worker_thread.__signature__ = inspect.signature(route.endpoint)
+    app.router.routes[index] = APIRoute(
+        route.path,
+        run_inference_in_worker_thread,
+        methods=list(route.methods),
+        summary=route.summary,
+        tags=route.tags,
+        responses=route.responses,
+        name=route.name,
+    )
