@@ -12,8 +12,10 @@ import nibabel as nib
 import numpy as np
 import pytest
 import requests
+import torch
 
 from segany_pet.cli import server_command
+from segany_pet.model import build_model, save_checkpoint
 from segany_pet.phantom import write_cohort
 
 
@@ -44,15 +46,21 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="session")
-def server(cohort, tmp_path_factory) -> str:
+def random_checkpoint(tmp_path_factory) -> Path:
+    """A small-preset 3D SAM with random weights: exercises the serving path, not segmentation quality."""
+    torch.manual_seed(0)
+    return save_checkpoint(build_model("segany_pet_small"), tmp_path_factory.mktemp("model") / "random_small.pt")
+
+
+@pytest.fixture(scope="session")
+def server(cohort, random_checkpoint, tmp_path_factory) -> str:
     """A real MONAI Label server subprocess on 127.0.0.1 serving the cohort; yields its URL."""
     port = _free_port()
     log_path = tmp_path_factory.mktemp("server") / "server.log"
     env = dict(os.environ, MONAI_LABEL_DATASTORE_AUTO_RELOAD="false")
+    command = server_command(cohort / "images", port=port, conf=[("model", random_checkpoint)])
     with open(log_path, "w") as log:
-        process = subprocess.Popen(
-            server_command(cohort / "images", port=port), stdout=log, stderr=subprocess.STDOUT, env=env
-        )
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:

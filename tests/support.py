@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
 import nibabel as nib
+import nrrd
 import numpy as np
 
 # Files a careless export puts in a studies folder; each must get a 4xx, not a crash.
@@ -17,3 +19,10 @@ def case_truth(cohort: Path, case: str) -> tuple[dict, np.ndarray]:
     info = json.loads((cohort / "truth" / f"{case}.json").read_text())
     lesions = np.asanyarray(nib.load(cohort / "truth" / f"{case}_lesions.nii.gz").dataobj)
     return info, lesions
+
+
+def read_nrrd(content: bytes) -> tuple[dict, np.ndarray]:
+    """Header and array (stored index order) of an NRRD reply body."""
+    stream = io.BytesIO(content)
+    header = nrrd.read_header(stream)
+    return header, nrrd.read_data(header, stream, index_order="F")

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import io
 import json
 
 import nibabel as nib
-import nrrd
 import numpy as np
 import pytest
 import requests
@@ -14,7 +12,7 @@ from monailabel.client import MONAILabelClient
 
 from segany_pet.evaluate.metrics import lesion_dice
 from segany_pet.label.infer import OHIF_RESULT_PARAMS
-from support import BAD_IMAGES, case_truth
+from support import BAD_IMAGES, case_truth, read_nrrd
 
 pytestmark = pytest.mark.server
 
@@ -72,7 +70,7 @@ def test_ohif_click_returns_nrrd_on_the_image_grid(server, cohort, isolated_lesi
     response = ohif_infer(server, case, json.dumps(params))
     assert response.status_code == 200, response.text
 
-    header, mask = _read_nrrd(response.content)
+    header, mask = read_nrrd(response.content)
     image = nib.load(cohort / "images" / f"{case}.nii.gz")
     assert mask.shape == image.shape and mask.dtype == np.uint8
     np.testing.assert_allclose(np.array(header["space directions"]).T, image.affine[:3, :3], atol=1e-4)
@@ -155,10 +153,3 @@ def test_bad_image_files_get_a_4xx_and_the_server_keeps_serving(server, bad_imag
     assert response.status_code == 422, response.text
     assert bad_image in response.json()["detail"]
     assert requests.get(f"{server}/info/", timeout=10).status_code == 200
-
-
-def _read_nrrd(content: bytes) -> tuple[dict, np.ndarray]:
-    stream = io.BytesIO(content)
-    header = nrrd.read_header(stream)
-    data = nrrd.read_data(header, stream, index_order="F")
-    return header, data

@@ -1,0 +1,127 @@
+"""The 3D SAM served through a live MONAI Label server: wire formats, sessions, errors, concurrency.
+
+The server serves a random-weight small model here: these tests check the serving path, not quality.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import nibabel as nib
+import pytest
+import requests
+from monailabel.client import MONAILabelClient
+
+from segany_pet.label.infer import OHIF_RESULT_PARAMS
+from support import case_truth, read_nrrd
+
+pytestmark = pytest.mark.server
+
+MODEL = "segany_pet"
+
+
+@pytest.fixture(scope="module")
+def scan(cohort):
+    """A case with at least one lesion, and that lesion's centre."""
+    for json_path in sorted((cohort / "truth").glob("*.json")):
+        info, _ = case_truth(cohort, json_path.stem)
+        if info["lesions"]:
+            return json_path.stem, info["lesions"][0]["centre_voxel"]
+    pytest.fail("the test cohort has no lesion: change its seed")
+
+
+def infer(server, model, image, params, output="json"):
+    return requests.post(
+        f"{server}/infer/{model}", params={"image": image, "output": output}, data={"params": json.dumps(params)},
+        timeout=120,
+    )
+
+
+def test_info_names_the_weights_and_their_state(server, random_checkpoint):
+    models = MONAILabelClient(server).info()["models"]
+    assert models[MODEL]["type"] == "deepgrow" and models["segany_pet_vista"]["type"] == "vista3d"
+    served = models[MODEL]["model"]
+    assert served["file"] == str(random_checkpoint)
+    assert served["state"] in ("loading", "ready")
+
+
+def test_ohif_click_returns_a_mask_on_the_image_grid_with_pet_numbers(server, cohort, scan):
+    case, centre = scan
+    response = infer(server, MODEL, case, {"foreground": [centre], "background": [], **OHIF_RESULT_PARAMS}, "image")
+    assert response.status_code == 200, response.text
+    header, mask = read_nrrd(response.content)
+    assert mask.shape == nib.load(cohort / "images" / f"{case}.nii.gz").shape
+
+    reply = infer(server, MODEL, case, {"foreground": [centre]}).json()
+    assert {"iou", "windows", "cache_hit", "quantification", "latencies", "label_names"} <= set(reply)
+    assert {"load", "crop", "encode", "decode", "paste", "quantify", "write", "total"} <= set(reply["latencies"])
+    assert reply["clicks"] == {"foreground": 1, "background": 0}
+
+
+def test_slicer_roi_and_vista3d_points_are_accepted(server, scan):
+    case, (i, j, k) = scan
+    slicer = {"foreground": [[i, j, k]], "background": [], "roi": [i - 8, i + 8, j - 8, j + 8, k - 8, k + 8],
+              "label": "lesion", "client_id": "slicer-roi"}
+    assert infer(server, MODEL, case, slicer).status_code == 200
+    vista = {"points": [[i, j, k], [i + 6, j, k]], "point_labels": [1, 0], "label_prompt": [1]}
+    reply = infer(server, "segany_pet_vista", case, vista).json()
+    assert reply["clicks"] == {"foreground": 1, "background": 1}
+
+
+def test_refinement_is_per_client_and_reset_starts_over(server, scan):
+    case, (i, j, k) = scan
+    first = infer(server, MODEL, case, {"foreground": [[i, j, k]], "client_id": "anna"}).json()
+    assert first["clicks"]["foreground"] == 1
+    second = infer(server, MODEL, case, {"background": [[i + 5, j, k]], "client_id": "anna", "refine": True}).json()
+    assert second["clicks"] == {"foreground": 1, "background": 1}  # anna's first click carried over
+
+    other = infer(server, MODEL, case, {"foreground": [[i, j + 1, k]], "client_id": "ben"}).json()
+    assert other["clicks"] == {"foreground": 1, "background": 0}  # nothing of anna's
+
+    fresh = infer(server, MODEL, case, {"foreground": [[i, j, k]], "client_id": "anna", "reset": True}).json()
+    assert fresh["clicks"] == {"foreground": 1, "background": 0}
+
+
+def test_refining_without_an_earlier_result_is_a_conflict(server, scan):
+    case, centre = scan
+    response = infer(server, MODEL, case, {"foreground": [centre], "client_id": "nobody-yet", "refine": True})
+    assert response.status_code == 409 and "refine" in response.json()["detail"]
+
+
+@pytest.mark.parametrize(
+    ("params", "words"),
+    [
+        ({"foreground": [[999, 0, 0]]}, "outside"),
+        ({}, "click"),
+        ({"foreground": [[1, 1]]}, "three voxel indices"),
+        ({"foreground": [[10, 10, 10]], "roi": [20, 10, 0, 5, 0, 5]}, "roi"),
+        ({"box": [[20, 20, 20], [10, 30, 30]]}, "box"),
+        ({"points": [[10, 10, 10]], "point_labels": [3]}, "point_labels"),
+    ],
+)
+def test_bad_prompts_get_a_clear_4xx(server, scan, params, words):
+    response = infer(server, MODEL, scan[0], params)
+    assert response.status_code == 422, response.text
+    assert words in response.json()["detail"]
+
+
+def test_concurrent_clicks_from_several_annotators_all_succeed_separately(server, scan):
+    case, (i, j, k) = scan
+    replies = {}
+
+    def click(name, clicks):
+        replies[name] = infer(server, MODEL, case, {"foreground": clicks, "client_id": name})
+
+    threads = [
+        threading.Thread(target=click, args=(f"annotator-{n}", [[i, j, k + offset] for offset in range(n + 1)]))
+        for n in range(4)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for n in range(4):
+        response = replies[f"annotator-{n}"]
+        assert response.status_code == 200, response.text
+        assert response.json()["clicks"]["foreground"] == n + 1
