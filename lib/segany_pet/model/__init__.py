@@ -1,4 +1,12 @@
-"""The 3D SAM (SAM-Med3D architecture, published weights load unchanged) and its checkpoints."""
+"""The 3D SAM: SAM-Med3D's architecture and state-dict names (published weights load unchanged), presets
+(architecture + preprocessing), and checkpoints.
+
+    model = load_checkpoint("model/sam_med3d_turbo.pth")      # or build_model("segany_pet_small")
+    embedding = model.image_encoder(crop)                      # (B, 1, S, S, S) -> (B, C, g, g, g); cache it
+    low_res_logits, iou = model.decode(embedding, points=(coords, labels), boxes=None, masks=None)
+
+Coordinates are crop voxel indices in tensor axis order (D, H, W).
+"""
 
 from .checkpoint import check_state_dict, expected_shapes, load_checkpoint, recognise_preset, save_checkpoint
 from .image_encoder import ATTENTION_MODES, ImageEncoder3D

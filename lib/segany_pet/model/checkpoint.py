@@ -53,9 +53,16 @@ def _listing(keys: list[str]) -> str:
     return shown + (f", ... ({len(keys) - _SHOWN} more)" if len(keys) > _SHOWN else "")
 
 
+def _unreadable(path: Path, error: Exception) -> CheckpointError:
+    detail = str(error).splitlines()[0] if str(error) else "no detail"
+    detail = detail if len(detail) <= 120 else detail[:117] + "..."
+    return CheckpointError(f"cannot read checkpoint {path}: damaged (truncated, partly copied?) or not a torch "
+                           f"file ({type(error).__name__}: {detail})")
+
+
 def _read(path: Path, allow_unsafe_pickle: bool):
-    """Unpickle a file: weights_only first (argparse.Namespace, as in published files, is allowed), falling
-    back to a full unpickle of other objects only if permitted, with a warning."""
+    """Unpickle a file with weights_only=True (plus argparse.Namespace, which published files pickle under
+    "args": rebuilding it runs no code); fall back to a full unpickle only if permitted, with a warning."""
     if not path.is_file():
         raise CheckpointError(f"no checkpoint file at {path}")
     # Memory-mapped: tensors are read when used, so a published file's optimizer state is never loaded.
@@ -65,13 +72,10 @@ def _read(path: Path, allow_unsafe_pickle: bool):
             return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as error:
         if not str(error).startswith("Weights only load failed"):
-            raise CheckpointError(f"cannot read checkpoint {path}: damaged or not a torch file ({error})") from None
+            raise _unreadable(path, error) from None
         weights_only_error = error
     except Exception as error:  # truncated zip, garbage bytes, empty file ...
-        raise CheckpointError(
-            f"cannot read checkpoint {path}: damaged or not a torch file ({type(error).__name__}: "
-            f"{str(error).splitlines()[0] if str(error) else 'no detail'})"
-        ) from None
+        raise _unreadable(path, error) from None
     try:
         objects = ", ".join(torch.serialization.get_unsafe_globals_in_checkpoint(path)) or "unknown objects"
     except Exception:
@@ -85,9 +89,7 @@ def _read(path: Path, allow_unsafe_pickle: bool):
     try:
         return torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
     except Exception as error:
-        raise CheckpointError(
-            f"cannot read checkpoint {path}: damaged or not a torch file ({type(error).__name__}: {error})"
-        ) from None
+        raise _unreadable(path, error) from None
 
 
 def _unpack(obj, path: Path) -> tuple[dict, Preset | None, dict]:

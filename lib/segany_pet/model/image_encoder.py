@@ -42,6 +42,22 @@ def _relative_table(rel_pos: torch.Tensor, n_query: int, window: int) -> torch.T
     return rel_pos[q[:, None] - k[None, :] + window - 1]
 
 
+def _key_positions(grid, padding_key: bool, dtype, device) -> torch.Tensor:
+    """0/1 matrix (gd + gh + gw [+ 1], N [+ 1]): column j marks key j's position along each axis (and the last
+    row the padding key), so that a query's [rel_d | rel_h | rel_w (| padding logit)] times it is the query's
+    attention bias. One small matmul instead of a broadcast sum: measured ~2x faster in bf16."""
+    gd, gh, gw = grid
+    n = gd * gh * gw
+    key = torch.arange(n, device=device)
+    positions = torch.zeros(gd + gh + gw + padding_key, n + padding_key, dtype=dtype, device=device)
+    positions[key // (gh * gw), key] = 1
+    positions[gd + key // gw % gh, key] = 1
+    positions[gd + gh + key % gw, key] = 1
+    if padding_key:
+        positions[-1, -1] = 1
+    return positions
+
+
 class RelPosAttention(nn.Module):
     """Multi-head self-attention with a decomposed (per-axis) relative position bias."""
 
@@ -86,23 +102,20 @@ class RelPosAttention(nn.Module):
         Equals `attend_padded` on x zero-padded to the window, restricted to the real tokens.
         """
         b, grid, c = x.shape[0], tuple(x.shape[1:4]), x.shape[-1]
-        n = grid[0] * grid[1] * grid[2]
         q, k, v = self._heads(x)
         rel_d, rel_h, rel_w = self._axis_terms(q, grid, window)
-        has_padding = grid != tuple(window)
-        keys = n + 1 if has_padding else n
-        # Built in place: one (N, keys) bias per block, the real-key part as the sum of the broadcast axis terms.
-        bias = q.new_empty(b, self.num_heads, n, keys)
-        real = bias[..., :n].unflatten(-1, grid).unflatten(2, grid)
-        rel_dh = rel_d[..., : grid[0], None] + rel_h[..., None, : grid[1]]
-        torch.add(rel_dh[..., None], rel_w[..., None, None, : grid[2]], out=real)
-        if has_padding:
-            bias[..., n] = self._log_padding_weight(rel_d, rel_h, rel_w, grid).flatten(2)
+        gd, gh, gw = grid
+        per_axis = [rel_d[..., :gd], rel_h[..., :gh], rel_w[..., :gw]]  # against the real keys
+        padded = grid != tuple(window)
+        if padded:
+            per_axis.append(self._log_padding_weight(rel_d, rel_h, rel_w, grid)[..., None])
             dim = self.qkv.bias.shape[0] // 3
             k_pad = self.qkv.bias[dim : 2 * dim].view(1, self.num_heads, 1, -1).expand(b, -1, -1, -1)
             v_pad = self.qkv.bias[2 * dim :].view(1, self.num_heads, 1, -1).expand(b, -1, -1, -1)
             k = torch.cat([k, k_pad.to(k.dtype)], dim=2)
             v = torch.cat([v, v_pad.to(v.dtype)], dim=2)
+        rel = torch.cat(per_axis, dim=-1).flatten(2, 4)
+        bias = rel @ _key_positions(grid, padded, rel.dtype, rel.device)
         if q.dtype == torch.bfloat16:  # measured on CPU: bmm + softmax beat the bf16 SDPA kernel 2.5x
             q, k, v, bias = (t.flatten(0, 1) for t in (q, k, v, bias))
             weights = torch.baddbmm(bias, q, k.transpose(1, 2), alpha=self.scale).softmax(-1)
@@ -129,7 +142,8 @@ class RelPosAttention(nn.Module):
             peak = peak + axis_peak.squeeze(-1)
         (in_d, in_h, in_w), (out_d, out_h, out_w) = inside, outside
         padded = out_d * (in_h + out_h) * (in_w + out_w) + in_d * (out_h * (in_w + out_w) + in_h * out_w)
-        return (padded.log() + peak).to(rel_d.dtype)
+        # Finite even if every padded weight underflows: the logit goes through a matmul with zeros (-inf * 0).
+        return (padded.log() + peak).clamp_min(-1e4).to(rel_d.dtype)
 
     def attend_padded(self, x: torch.Tensor) -> torch.Tensor:
         """Reference attention over all tokens of x (B, d, h, w, C), padding included: the published algorithm."""
@@ -220,7 +234,7 @@ class PatchEmbed(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # kernel == stride: the convolution is one matmul over the flattened patches. Computed as such because
-        # oneDNN's bf16 Conv3d with one input channel is ~50x slower than the matmul (fp32: on par).
+        # oneDNN's bf16 Conv3d with one input channel is ~50x slower than the matmul (fp32: 7 ms slower, ~1%).
         b, c, d, h, w = x.shape
         p = self.patch_size
         patches = x.reshape(b, c, d // p, p, h // p, p, w // p, p).permute(0, 2, 4, 6, 1, 3, 5, 7)
@@ -246,7 +260,8 @@ class ImageEncoder3D(nn.Module):
         super().__init__()
         grid = crop_size // patch_size
         self.crop_size = crop_size
-        self.attention_mode = "exact"
+        self.attention_mode = "exact"  # or "padded": the slow reference, see the module docstring
+        self.compute_dtype = torch.float32  # or torch.bfloat16: see Sam3D.to_inference_dtype
         self.patch_embed = PatchEmbed(patch_size, dim)
         self.pos_embed = nn.Parameter(torch.zeros(1, grid, grid, grid, dim))
         self.blocks = nn.ModuleList(
@@ -261,11 +276,14 @@ class ImageEncoder3D(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The embedding comes back in the input's dtype whatever the weights' dtype (see Sam3D.to_inference_dtype)."""
         if self.attention_mode not in ATTENTION_MODES:
             raise ValueError(f"attention_mode must be one of {ATTENTION_MODES}, not {self.attention_mode!r}")
-        out_dtype = x.dtype
-        x = self.patch_embed(x.to(self.pos_embed.dtype)) + self.pos_embed
-        for block in self.blocks:
-            x = block(x, self.attention_mode)
-        return self.neck(x.permute(0, 4, 1, 2, 3)).to(out_dtype)
+        if x.ndim != 5 or tuple(x.shape[1:]) != (1,) + (self.crop_size,) * 3:
+            raise ValueError(f"expected crops of shape (B, 1, {self.crop_size}, {self.crop_size}, {self.crop_size}), "
+                             f"got {tuple(x.shape)}")
+        # bf16: matmuls in bf16, LayerNorm, softmax statistics and the residual stream in float32 (autocast).
+        with torch.autocast(x.device.type, torch.bfloat16, enabled=self.compute_dtype == torch.bfloat16):
+            x = self.patch_embed(x.to(self.pos_embed.dtype)) + self.pos_embed
+            for block in self.blocks:
+                x = block(x, self.attention_mode)
+            return self.neck(x.permute(0, 4, 1, 2, 3)).to(self.pos_embed.dtype)
