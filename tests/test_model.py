@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch import nn
 
+import segany_pet.model
 from segany_pet.model import (
     BOX_CORNER_KEYS,
     PRESETS,
@@ -21,7 +22,8 @@ from segany_pet.model import (
 from segany_pet.model.image_encoder import RelPosAttention
 from segany_pet.model.layers import LayerNorm3d
 
-REFERENCE_KEYS = Path("/work/shared/reference/sam_med3d_vit_b_ori_keys.json")
+# All 324 keys and shapes of the published checkpoint (copied from shared/reference/ into the package).
+REFERENCE_KEYS = Path(segany_pet.model.__file__).with_name("sam_med3d_vit_b_ori_keys.json")
 PUBLISHED_PARAMETERS = 100_509_616
 
 # Published geometry (128^3 crop, 16^3 patches -> 8^3 tokens, windows of 14^3 so padding happens) at a

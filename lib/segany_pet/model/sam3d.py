@@ -81,8 +81,8 @@ PRESETS: dict[str, Preset] = {
     # This project's default model, sized by measurement on the 2-core CPU it is trained and served on
     # (scripts/benchmark_encoder.py; 2 threads, fp32, random weights). A 64^3 crop at 3 mm covers 192 mm
     # (lesions and most organs) with 8^3 tokens of 24 mm and 6 mm low-res logits, as in the published model.
-    # All-global attention (no padding to pay for). 8.0 M parameters. Measured: encoder 0.054 s + prompt
-    # encoder and decoder 0.006 s per crop; training step (batch 2, forward + backward + AdamW) 0.35-0.41 s.
+    # All-global attention (no padding to pay for). 8.0 M parameters. Measured: encoder 0.047-0.054 s + prompt
+    # encoder and decoder 0.005-0.006 s per crop; training step (batch 2, forward + backward + AdamW) 0.36-0.41 s.
     # Alternatives measured the same way (encoder + decoder / training step): dim 192 x 6 blocks 0.044 /
     # 0.25 s; 256 x 4 0.047 / 0.29 s; 384 x 6 0.105 / 0.69 s; prompt dim 384 0.071 / 0.45 s. 256 x 6 keeps
     # a training step well under a second with the most capacity among the cheap ones.
@@ -153,7 +153,7 @@ class Sam3D(nn.Module):
         """Run the image encoder's matmuls in "bfloat16" (or again in "float32"); weights stay float32.
 
         Opt-in, never a default. Measured on this project's 2-core AVX512-BF16 CPU (scripts/benchmark_encoder.py,
-        published preset, random weights): encoder 0.17 s instead of 0.56 s; embedding error mean 1.2% and max
+        published preset, random weights): encoder 0.16-0.17 s instead of 0.53-0.56 s; embedding error mean 1.2% and max
         1.3% of the float32 embedding's mean and max magnitude, low-res logits mean 0.4%, max 0.5%; 99.8% of
         the thresholded low-res mask voxels agree. tests/test_model.py bounds it (mean < 2%, max < 10%).
         CPU autocast: LayerNorm, softmax statistics and the residual stream stay float32, which gives ~30% less
