@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import os
+
+# Busy-waiting OpenMP threads of one process starve the others (pytest, the server subprocess) on
+# 2 cores: measured 15-20x slower model calls under contention. Set before torch is imported.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import socket
 import subprocess
 import time

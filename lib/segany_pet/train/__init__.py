@@ -1,0 +1,56 @@
+"""Training the 3D SAM: records and crops (data), SAM-style click simulation and loss (simulate), the trainer
+with checkpoints, resume, validation and progress (trainer), and torchrun support (distributed)."""
+
+from segany_pet.train.data import (
+    TIERS,
+    CropSample,
+    CropSampler,
+    TrainingCase,
+    TrainingDataError,
+    TrainingObject,
+    check_records,
+    load_case,
+    load_cases,
+    records_from_datastore,
+    records_from_folder,
+)
+from segany_pet.train.distributed import DistributedContext, start_distributed
+from segany_pet.train.simulate import InteractiveStep, Prompt, first_prompt, segmentation_loss
+from segany_pet.train.trainer import (
+    CHECKPOINT_LAST,
+    KEY_METRIC,
+    MODEL_BEST,
+    TRAIN_STATS,
+    TrainConfig,
+    Trainer,
+    learning_rate_factor,
+    split_records,
+)
+
+__all__ = [
+    "CHECKPOINT_LAST",
+    "KEY_METRIC",
+    "MODEL_BEST",
+    "TIERS",
+    "TRAIN_STATS",
+    "CropSample",
+    "CropSampler",
+    "DistributedContext",
+    "InteractiveStep",
+    "Prompt",
+    "TrainConfig",
+    "Trainer",
+    "TrainingCase",
+    "TrainingDataError",
+    "TrainingObject",
+    "check_records",
+    "first_prompt",
+    "learning_rate_factor",
+    "load_case",
+    "load_cases",
+    "records_from_datastore",
+    "records_from_folder",
+    "segmentation_loss",
+    "split_records",
+    "start_distributed",
+]

@@ -1,0 +1,52 @@
+"""Train from a folder of images and labels, alone or under torchrun:
+
+    python -m segany_pet.train --images DIR --labels DIR --out DIR [--config train.json] [--epochs N] ...
+    torchrun --nproc_per_node=2 -m segany_pet.train --images DIR --labels DIR --out DIR ...
+
+``--config`` is a JSON object of TrainConfig fields; the flags override it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from segany_pet.train.data import records_from_folder
+from segany_pet.train.trainer import TrainConfig, Trainer
+
+FLAGS = {  # flag -> (TrainConfig field, type)
+    "--epochs": ("epochs", int),
+    "--iterations": ("iterations_per_epoch", int),
+    "--batch-size": ("batch_size", int),
+    "--lr": ("lr", float),
+    "--preset": ("preset", str),
+    "--init-checkpoint": ("init_checkpoint", str),
+    "--val-cases": ("val_cases", int),
+    "--seed": ("seed", int),
+    "--threads": ("threads", int),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m segany_pet.train", description=__doc__.split("\n")[0])
+    parser.add_argument("--images", required=True, help="folder of SUV images <id>.nii.gz")
+    parser.add_argument("--labels", required=True, help="folder of labels <id>.nii.gz on the images' grids")
+    parser.add_argument("--out", required=True, help="output folder (checkpoints, train_stats.json)")
+    parser.add_argument("--config", help="JSON file of TrainConfig fields")
+    for flag, (name, kind) in FLAGS.items():
+        parser.add_argument(flag, type=kind, dest=name)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    options = json.loads(open(args.config).read()) if args.config else {}
+    options.update({name: getattr(args, name) for name, _ in FLAGS.values() if getattr(args, name) is not None})
+    options["output_dir"] = args.out
+    stats = Trainer(TrainConfig.from_dict(options), records_from_folder(args.images, args.labels)).run()
+    if stats:
+        print(json.dumps({k: stats[k] for k in ("status", "epoch", "step", "best_metric") if k in stats}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
