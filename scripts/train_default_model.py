@@ -128,6 +128,8 @@ def main(argv: list[str] | None = None) -> int:
         args.train_cases, args.test_cases, args.val_cases = 3, 2, 1
         args.epochs, args.iterations, args.batch_size, args.clicks_per_sample = 2, 4, 2, 2
         args.work = args.work.with_name(args.work.name + "_quick")
+        if args.out == REPO / "model":  # a smoke run must never replace the shipped model
+            args.out = args.work / "model"
     started = time.time()
     command = shlex.join([Path(sys.executable).name, *sys.argv])
     print(f"command: {command}\nseed: {args.seed}", flush=True)
