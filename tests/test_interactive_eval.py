@@ -20,14 +20,12 @@ from segany_pet.evaluate.interactive import (
     touches_from_organs,
     write_report,
 )
-from segany_pet.model import Preset, build_model
+from segany_pet.model import build_model
 from segany_pet.pet import PETVolume
 from segany_pet.predictor import Predictor
 from segany_pet.prompts import centre_click
+from support import TINY
 
-TINY = Preset(name="tiny_eval", crop_size=32, spacing_mm=6.0, normalisation="log_suv", patch_size=8,
-              encoder_dim=32, encoder_depth=2, encoder_heads=2, global_attn_indexes=(), window_size=0,
-              prompt_dim=48, decoder_mlp_dim=64, iou_head_hidden=32)
 TOUCHES = {1: None, 2: "bladder", 3: None}
 
 

@@ -41,11 +41,8 @@ from segany_pet.train import (
     split_records,
 )
 from segany_pet.train.simulate import add_corrective_click, interior_click, jittered_box
+from support import TINY
 
-# A tiny model with the published naming scheme: 32^3 crop at 6 mm (192 mm), 4^3 tokens, 16^3 low-res logits.
-TINY = Preset(name="tiny_train", crop_size=32, spacing_mm=6.0, normalisation="log_suv", patch_size=8,
-              encoder_dim=32, encoder_depth=2, encoder_heads=2, global_attn_indexes=(), window_size=0,
-              prompt_dim=48, decoder_mlp_dim=64, iou_head_hidden=32)
 REPO = Path(__file__).resolve().parents[1]
 
 

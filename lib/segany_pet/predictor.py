@@ -75,7 +75,8 @@ def canonical_axes(affine) -> np.ndarray:
     return axes
 
 
-def _translation(offset) -> np.ndarray:
+def translation(offset) -> np.ndarray:
+    """4x4 matrix that adds ``offset`` (3,): e.g. a sub-block's index origin."""
     matrix = np.eye(4)
     matrix[:3, 3] = offset
     return matrix
@@ -297,7 +298,7 @@ def crop_volume(array: np.ndarray, affine, geometry: CropGeometry) -> torch.Tens
     if np.any(high <= low):
         return torch.zeros((size, size, size))
     block = array[tuple(slice(lo, hi) for lo, hi in zip(low, high, strict=True))]
-    return torch.from_numpy(resample(block, _translation(-low) @ to_stored, (size,) * 3, outside="zero"))
+    return torch.from_numpy(resample(block, translation(-low) @ to_stored, (size,) * 3, outside="zero"))
 
 
 def paste_logits(logits, geometry: CropGeometry, affine, shape) -> tuple[tuple[slice, ...], np.ndarray] | None:
@@ -312,7 +313,7 @@ def paste_logits(logits, geometry: CropGeometry, affine, shape) -> tuple[tuple[s
     if box is None:
         return None
     upsample_to = None if logits.shape[0] == geometry.size else geometry.size
-    stored_to_crop = geometry.from_stored(affine) @ _translation([s.start for s in box])
+    stored_to_crop = geometry.from_stored(affine) @ translation([s.start for s in box])
     block_shape = tuple(s.stop - s.start for s in box)
     return box, resample(logits, stored_to_crop, block_shape, outside="border", upsample_to=upsample_to)
 

@@ -35,7 +35,7 @@ from segany_pet.errors import UserInputError
 from segany_pet.model import Preset
 from segany_pet.pet import PETVolume, load_nifti
 from segany_pet.pet.quantify import LESION_CONNECTIVITY
-from segany_pet.predictor import CropGeometry, crop_volume, normalise
+from segany_pet.predictor import CropGeometry, crop_volume, normalise, translation
 from segany_pet.prompts import centre_click
 
 log = logging.getLogger(__name__)
@@ -299,12 +299,6 @@ class CropSample:
     neighbours: list[tuple[int, torch.Tensor]] = field(default_factory=list)
 
 
-def _translation(offset) -> np.ndarray:
-    matrix = np.eye(4)
-    matrix[:3, 3] = offset
-    return matrix
-
-
 class CropSampler:
     """Draws training crops from loaded cases with its own seeded generator.
 
@@ -407,7 +401,7 @@ class CropSampler:
         box = geometry.covered_box(affine, shape)
         box = tuple(slice(max(s.start - 1, 0), min(s.stop + 1, n)) for s, n in zip(box, shape, strict=True))
         block = (case.instances[box] == instance).astype(np.float32)
-        fraction = crop_volume(block, affine @ _translation([s.start for s in box]), geometry)
+        fraction = crop_volume(block, affine @ translation([s.start for s in box]), geometry)
         target = fraction >= 0.5
         if not target.any() and fraction.max() > 0:
             target = fraction == fraction.max()
