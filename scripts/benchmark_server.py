@@ -1,9 +1,12 @@
 """Server start time and click latency over REST, cold (first click on a scan) vs warm (later clicks).
 
 Serves one 4 mm whole-body phantom and one autoPET-sized phantom (400x400x326 at 2.036x2.036x3 mm)
-and clicks on a lesion as OHIF does (NRRD reply).
+and clicks on a lesion as OHIF does (NRRD reply). With ``--sam PRESET`` the clicks go to the 3D SAM
+(``segany_pet``) serving random weights of that preset (speed does not depend on the weights), and the
+table adds the predictor's own share of each click (crop + encode + decode + paste, measured in the
+server), so REST overhead = click / predictor.
 
-    .venv/bin/python scripts/benchmark_server.py [--starts 3] [--warm 5]
+    .venv/bin/python scripts/benchmark_server.py [--starts 3] [--warm 5] [--sam segany_pet_small|sam_med3d]
 """
 
 from __future__ import annotations
@@ -19,9 +22,11 @@ import time
 from pathlib import Path
 
 import requests
+import torch
 
 from segany_pet.cli import server_command
 from segany_pet.label.infer import OHIF_RESULT_PARAMS
+from segany_pet.model import PRESETS, build_model, save_checkpoint
 from segany_pet.pet import save_nifti
 from segany_pet.phantom import generate_case
 from segany_pet.prompts import centre_click
@@ -33,12 +38,13 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start_server(studies: Path, log_path: Path) -> tuple[subprocess.Popen, str, float]:
+def start_server(studies: Path, log_path: Path, conf=()) -> tuple[subprocess.Popen, str, float]:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     started = time.perf_counter()
     with open(log_path, "a") as log:
-        process = subprocess.Popen(server_command(studies, port=port), stdout=log, stderr=subprocess.STDOUT)
+        command = server_command(studies, port=port, conf=conf)
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
     while True:
         if process.poll() is not None:
             raise RuntimeError(f"server exited; see {log_path}")
@@ -49,11 +55,11 @@ def start_server(studies: Path, log_path: Path) -> tuple[subprocess.Popen, str, 
             time.sleep(0.05)
 
 
-def click(url: str, image: str, voxel: list[int]) -> tuple[float, dict]:
+def click(url: str, model: str, image: str, voxel: list[int]) -> tuple[float, dict]:
     params = json.dumps({"foreground": [voxel], "background": [], **OHIF_RESULT_PARAMS})
     started = time.perf_counter()
     response = requests.post(
-        f"{url}/infer/suv_threshold", params={"image": image, "output": "all"}, data={"params": params}, timeout=300
+        f"{url}/infer/{model}", params={"image": image, "output": "all"}, data={"params": params}, timeout=300
     )
     elapsed = time.perf_counter() - started
     response.raise_for_status()
@@ -65,7 +71,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--starts", type=int, default=3, help="server starts to time")
     parser.add_argument("--warm", type=int, default=5, help="warm clicks per scan")
+    parser.add_argument("--sam", choices=sorted(PRESETS), help="click the 3D SAM of this preset (random weights)")
     args = parser.parse_args()
+    model = "segany_pet" if args.sam else "suv_threshold"
 
     with tempfile.TemporaryDirectory() as tmp:
         studies = Path(tmp) / "images"
@@ -77,30 +85,41 @@ def main() -> None:
             biggest = max(case.info["lesions"], key=lambda lesion: lesion["volume_ml"])
             clicks[name] = (centre_click(case.lesions == biggest["id"], case.info["spacing"]), case.suv.shape)
         log_path = Path(tmp) / "server.log"
+        conf = ()
+        if args.sam:
+            torch.manual_seed(0)
+            conf = [("model", save_checkpoint(build_model(args.sam), Path(tmp) / f"{args.sam}.pt"))]
 
         start_times = []
         for _ in range(args.starts):
-            process, url, seconds = start_server(studies, log_path)
+            process, url, seconds = start_server(studies, log_path, conf)
             start_times.append(seconds)
             process.terminate()
             process.wait()
         print(f"server start to first /info answer: median {statistics.median(start_times):.2f} s "
               f"over {args.starts} starts ({', '.join(f'{s:.2f}' for s in start_times)})\n")
 
-        process, url, _ = start_server(studies, log_path)
+        process, url, _ = start_server(studies, log_path, conf)
+        print(f"clicks on {model}" + (f" ({args.sam}, random weights)" if args.sam else "") + "\n")
         try:
-            print("| scan | shape | cold click (s) | warm click median (s) | cold / warm | warm server-side (s) |")
-            print("|---|---|---|---|---|---|")
+            predictor_parts = ("crop", "encode", "decode", "paste")
+            parts = predictor_parts if args.sam else ("load", "segment", "quantify", "write")
+            print("| scan | shape | cold click (s) | warm click median (s) | cold / warm | warm server-side (s) |"
+                  + (" warm click / predictor |" if args.sam else ""))
+            print("|---|---|---|---|---|---|" + ("---|" if args.sam else ""))
             for name, (voxel, shape) in clicks.items():
-                cold, _ = click(url, name, voxel)
-                warm_runs = [click(url, name, voxel) for _ in range(args.warm)]
+                cold, _ = click(url, model, name, voxel)
+                warm_runs = [click(url, model, name, voxel) for _ in range(args.warm)]
                 warm = statistics.median(seconds for seconds, _ in warm_runs)
-                parts = ("load", "segment", "quantify", "write")
                 server_side = ", ".join(
                     f"{part} {statistics.median(latencies[part] for _, latencies in warm_runs):.3f}" for part in parts
                 )
                 size = "x".join(map(str, shape))
-                print(f"| {name} | {size} | {cold:.3f} | {warm:.3f} | {cold / warm:.1f} | {server_side} |")
+                row = f"| {name} | {size} | {cold:.3f} | {warm:.3f} | {cold / warm:.1f} | {server_side} |"
+                if args.sam:
+                    predictor = statistics.median(sum(lat[p] for p in predictor_parts) for _, lat in warm_runs)
+                    row += f" {warm / predictor:.1f} |"
+                print(row)
         finally:
             process.terminate()
             process.wait()
