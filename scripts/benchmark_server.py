@@ -24,7 +24,7 @@ from pathlib import Path
 import requests
 import torch
 
-from segany_pet.cli import server_command
+from segany_pet.cli import server_command, server_environment
 from segany_pet.label.infer import OHIF_RESULT_PARAMS
 from segany_pet.model import PRESETS, build_model, save_checkpoint
 from segany_pet.pet import save_nifti
@@ -44,7 +44,7 @@ def start_server(studies: Path, log_path: Path, conf=()) -> tuple[subprocess.Pop
     started = time.perf_counter()
     with open(log_path, "a") as log:
         command = server_command(studies, port=port, conf=conf)
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=server_environment())
     while True:
         if process.poll() is not None:
             raise RuntimeError(f"server exited; see {log_path}")

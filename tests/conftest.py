@@ -18,7 +18,7 @@ import pytest
 import requests
 import torch
 
-from segany_pet.cli import server_command
+from segany_pet.cli import server_command, server_environment
 from segany_pet.model import build_model, save_checkpoint
 from segany_pet.phantom import write_cohort
 
@@ -61,7 +61,7 @@ def server(cohort, random_checkpoint, tmp_path_factory) -> str:
     """A real MONAI Label server subprocess on 127.0.0.1 serving the cohort; yields its URL."""
     port = _free_port()
     log_path = tmp_path_factory.mktemp("server") / "server.log"
-    env = dict(os.environ, MONAI_LABEL_DATASTORE_AUTO_RELOAD="false")
+    env = dict(server_environment(), MONAI_LABEL_DATASTORE_AUTO_RELOAD="false")
     command = server_command(cohort / "images", port=port, conf=[("model", random_checkpoint)])
     with open(log_path, "w") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
