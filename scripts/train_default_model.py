@@ -7,11 +7,13 @@ Stages (each reusable: cohorts and the training resume when the script is run ag
 1. cohorts: a training and a separate test cohort of positive FDG and PSMA phantoms (4 mm), alternating
    tracers; labels/ holds the training labels (lesion = 1, organs too with --organs), truth/ the lesion
    instances and the phantom's records (which lesions touch a hot organ);
-2. training with segany_pet.train (checkpoints and train_stats.json in WORK/training);
-3. the best model published as OUT/segany_pet_small.pt (own checkpoint format: preset + training record);
+2. training with segany_pet.train (checkpoints and train_stats.json in WORK/training_<preset>);
+3. the best model published as OUT/<preset>.pt (own checkpoint format: preset + training record + model card);
 4. the interactive benchmark on the test cohort: Dice after 1, 3, 5 clicks per lesion, FPV, FNV, the classical
    baselines from the same first click, lesions touching an organ vs isolated, and the autoPET IV protocol;
-   written as OUT/segany_pet_small_eval.{md,json,png}.
+   written as OUT/<preset>_eval.{md,json,png}.
+
+--preset takes a preset name or a JSON file of Preset fields (to try a preprocessing before it becomes a preset).
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from segany_pet.evaluate.interactive import (
     summarise,
     write_report,
 )
-from segany_pet.model import load_checkpoint, save_checkpoint
+from segany_pet.model import PRESETS, Preset, load_checkpoint, save_checkpoint
 from segany_pet.pet import load_nifti, save_nifti
 from segany_pet.phantom import ORGAN_NAMES, generate_case
 from segany_pet.predictor import Predictor
@@ -114,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--test-cases", type=int, default=12)
     parser.add_argument("--val-cases", type=int, default=4, help="training cases held out for validation")
     parser.add_argument("--organs", action="store_true", help="train organs as classes too (lesions stay 1)")
+    parser.add_argument("--preset", default=PRESET, help="a preset name or a JSON file of Preset fields")
     parser.add_argument("--epochs", type=int, default=60)
     parser.add_argument("--iterations", type=int, default=100, help="optimizer steps per epoch")
     parser.add_argument("--batch-size", type=int, default=4)
@@ -130,6 +133,10 @@ def main(argv: list[str] | None = None) -> int:
         args.work = args.work.with_name(args.work.name + "_quick")
         if args.out == REPO / "model":  # a smoke run must never replace the shipped model
             args.out = args.work / "model"
+    if args.preset in PRESETS:
+        preset = PRESETS[args.preset]
+    else:
+        preset = Preset.from_dict(json.loads(Path(args.preset).read_text()))
     started = time.time()
     command = shlex.join([Path(sys.executable).name, *sys.argv])
     print(f"command: {command}\nseed: {args.seed}", flush=True)
@@ -140,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     write_positive_cohort(test_dir, args.test_cases, args.seed, "test", False)
 
     config = TrainConfig(
-        output_dir=str(args.work / "training"), preset=PRESET, label_names=label_names(args.organs),
+        output_dir=str(args.work / f"training_{preset.name}"), preset=preset.to_dict(), label_names=label_names(args.organs),
         epochs=args.epochs, iterations_per_epoch=args.iterations, batch_size=args.batch_size, lr=args.lr,
         clicks_per_sample=args.clicks_per_sample, val_cases=args.val_cases, seed=args.seed, threads=args.threads,
         warmup_iterations=min(50, args.epochs * args.iterations // 10),
@@ -170,13 +177,14 @@ def main(argv: list[str] | None = None) -> int:
                          "best_baseline": summary.get("best_baseline"),
                          "margin_over_best_baseline_1click": summary.get("margin_over_best_baseline_1click")},
     }
-    model_path = save_checkpoint(model, args.out / f"{PRESET}.pt", model_card=card)
+    model_path = save_checkpoint(model, args.out / f"{preset.name}.pt", model_card=card)
     size_mb = model_path.stat().st_size / 2**20
     if size_mb > MAX_MODEL_MB:
         print(f"warning: {model_path} is {size_mb:.1f} MB, above {MAX_MODEL_MB} MB")
-    paths = write_report(summary, args.out, name=f"{PRESET}_eval", title=f"{PRESET} on {args.test_cases} test phantoms",
+    title = f"{preset.name} on {args.test_cases} test phantoms"
+    paths = write_report(summary, args.out, name=f"{preset.name}_eval", title=title,
                          details={**details, "model_card": card})
-    print("\n" + markdown_table(summary, f"{PRESET} on {args.test_cases} test phantoms"))
+    print("\n" + markdown_table(summary, title))
     print(f"model: {model_path} ({size_mb:.1f} MB)")
     print("report: " + ", ".join(str(p) for p in paths.values()))
     print(f"total time {datetime.timedelta(seconds=int(time.time() - started))}")

@@ -4,6 +4,7 @@ fine-tuning from published-style weights) and distributed training with torchrun
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import logging
@@ -265,24 +266,26 @@ def test_learning_rate_warms_up_then_decays():
 
 
 def test_a_few_steps_overfit_a_fixed_batch(cases):
+    # At 3 mm (TINY's 6 mm leaves small lesions a voxel or two of logits): finer crops learn much faster.
+    preset = dataclasses.replace(TINY, name="tiny_3mm", spacing_mm=3.0)
     torch.manual_seed(0)
     rng = np.random.default_rng(1)
-    samples = CropSampler(cases, TINY, rng, hot_spot_share=0.0).batch(4)
+    samples = CropSampler(cases, preset, rng, hot_spot_share=0.0).batch(4)
     images = torch.stack([s.image for s in samples])
     targets = torch.stack([s.target for s in samples])
     opening = [first_prompt(s.target.numpy(), rng, 0.25, 0.25) for s in samples]
-    step = InteractiveStep(build_model(TINY).train(), iterations=2)
+    step = InteractiveStep(build_model(preset).train(), iterations=2)
     optimizer = torch.optim.AdamW(step.parameters(), lr=3e-3)
     losses = []
-    for _ in range(40):  # measured: Dice ~0.4 after 40 steps, 2 s
+    for _ in range(60):  # measured: the loss halves, Dice 0.01 -> ~0.8 in 60 steps (3 s)
         prompts = [Prompt(list(p.points), list(p.labels), p.box) for p in opening]
         loss, info = step(images, targets, prompts)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
         losses.append(float(loss.detach()))
-    assert np.mean(losses[-5:]) < 0.7 * np.mean(losses[:5]), losses
-    assert info["iteration_dice"][0] > 0.1  # from ~0.005: it starts to find the clicked lesions
+    assert np.mean(losses[-5:]) < 0.75 * np.mean(losses[:5]), losses
+    assert info["iteration_dice"][0] > 0.4, info  # from ~0.01: it finds the clicked lesions
 
 
 def test_training_writes_stats_best_model_and_reports_progress(tmp_path, records):
@@ -408,7 +411,6 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-@pytest.mark.slow
 def test_two_processes_under_torchrun_train_one_model_on_disjoint_shards(tmp_path, cohort):
     (tmp_path / "worker.py").write_text(WORKER)
     job = {"config": config(tmp_path / "run", epochs=1, iterations_per_epoch=3, threads=1).to_dict(),

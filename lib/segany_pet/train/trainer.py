@@ -115,7 +115,9 @@ class TrainConfig:
     # Loss on the logits upsampled to the crop ("crop") or on the target averaged to the logits' grid.
     loss_resolution: str = "crop"
     # Weights of the class-balanced BCE and of the IoU head's MSE next to the Dice loss (see simulate.py).
-    bce_weight: float = 1.0
+    # Measured (segany_pet_small at 1.5 mm, 300 steps, 24 phantoms): validation Dice after one click 0.46
+    # with 0.1, 0.37 with 1.0; with 0 (Dice alone) every logit collapses to background.
+    bce_weight: float = 0.1
     iou_loss_weight: float = 1.0
     # Seeds the model initialisation, the validation split and (with the rank) the crop sampling.
     seed: int = 0
