@@ -147,7 +147,8 @@ def main(argv: list[str] | None = None) -> int:
     write_positive_cohort(test_dir, args.test_cases, args.seed, "test", False)
 
     config = TrainConfig(
-        output_dir=str(args.work / f"training_{preset.name}"), preset=preset.to_dict(), label_names=label_names(args.organs),
+        output_dir=str(args.work / f"training_{preset.name}"), preset=preset.to_dict(),
+        label_names=label_names(args.organs),
         epochs=args.epochs, iterations_per_epoch=args.iterations, batch_size=args.batch_size, lr=args.lr,
         clicks_per_sample=args.clicks_per_sample, val_cases=args.val_cases, seed=args.seed, threads=args.threads,
         warmup_iterations=min(50, args.epochs * args.iterations // 10),

@@ -7,20 +7,16 @@ import os
 # Busy-waiting OpenMP threads of one process starve the others (pytest, the server subprocess) on
 # 2 cores: measured 15-20x slower model calls under contention. Set before torch is imported.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-import socket
-import subprocess
-import time
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
-import requests
 import torch
 
-from segany_pet.cli import server_command, server_environment
 from segany_pet.model import build_model, save_checkpoint
 from segany_pet.phantom import write_cohort
+from support import running_server
 
 
 def _write_bad_images(folder: Path) -> None:
@@ -43,12 +39,6 @@ def cohort(tmp_path_factory) -> Path:
     return root
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def random_checkpoint(tmp_path_factory) -> Path:
     """A small-preset 3D SAM with random weights: exercises the serving path, not segmentation quality."""
@@ -59,29 +49,5 @@ def random_checkpoint(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def server(cohort, random_checkpoint, tmp_path_factory) -> str:
     """A real MONAI Label server subprocess on 127.0.0.1 serving the cohort; yields its URL."""
-    port = _free_port()
-    log_path = tmp_path_factory.mktemp("server") / "server.log"
-    env = dict(server_environment(), MONAI_LABEL_DATASTORE_AUTO_RELOAD="false")
-    command = server_command(cohort / "images", port=port, conf=[("model", random_checkpoint)])
-    with open(log_path, "w") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            pytest.fail(f"server exited with {process.returncode}:\n{log_path.read_text()[-4000:]}")
-        try:
-            if requests.get(f"{url}/info/", timeout=2).status_code == 200:
-                break
-        except requests.ConnectionError:
-            pass
-        time.sleep(0.3)
-    else:
-        process.kill()
-        pytest.fail(f"server did not answer within 180 s:\n{log_path.read_text()[-4000:]}")
-    yield url
-    process.terminate()
-    try:
-        process.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        process.kill()
+    with running_server(cohort / "images", [("model", random_checkpoint)], tmp_path_factory.mktemp("server")) as url:
+        yield url

@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import nibabel as nib
 import nrrd
 import numpy as np
+import pytest
+import requests
 
+from segany_pet.cli import server_command, server_environment
 from segany_pet.model import Preset
 
 # A tiny 3D SAM with the published naming scheme: 32^3 crop at 6 mm (192 mm), 4^3 tokens, 16^3 low-res logits.
@@ -33,3 +41,42 @@ def read_nrrd(content: bytes) -> tuple[dict, np.ndarray]:
     stream = io.BytesIO(content)
     header = nrrd.read_header(stream)
     return header, nrrd.read_data(header, stream, index_order="F")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def running_server(studies: Path, conf: list[tuple[str, object]], log_dir: Path) -> Iterator[str]:
+    """A real MONAI Label server subprocess on 127.0.0.1 serving ``studies``; yields its URL."""
+    port = free_port()
+    log_path = log_dir / "server.log"
+    env = dict(server_environment(), MONAI_LABEL_DATASTORE_AUTO_RELOAD="false")
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(server_command(studies, port=port, conf=conf), stdout=log,
+                                   stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            pytest.fail(f"server exited with {process.returncode}:\n{log_path.read_text()[-4000:]}")
+        try:
+            if requests.get(f"{url}/info/", timeout=2).status_code == 200:
+                break
+        except requests.ConnectionError:
+            pass
+        time.sleep(0.3)
+    else:
+        process.kill()
+        pytest.fail(f"server did not answer within 180 s:\n{log_path.read_text()[-4000:]}")
+    try:
+        yield url
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()

@@ -47,3 +47,21 @@ def test_a_replaced_checkpoint_is_loaded_on_the_next_request(tmp_path):
     assert second is not first
     old, new = first.model.state_dict(), second.model.state_dict()
     assert any(not torch.equal(old[key], new[key]) for key in old)
+
+
+def test_a_published_model_is_served_while_it_exists(tmp_path):
+    configured, published = tmp_path / "shipped.pt", tmp_path / "state" / "published.pt"
+    save_checkpoint(build_model("segany_pet_small"), configured)
+    served = ServedModel(configured, published=published)
+    shipped = served.predictor()
+    assert served.describe()["file"] == str(configured)
+
+    published.parent.mkdir()
+    save_checkpoint(build_model("segany_pet_small"), published)
+    trained = served.predictor()
+    assert trained is not shipped
+    record = served.describe()
+    assert record["file"] == str(published) and record["configured_file"] == str(configured)
+
+    published.unlink()  # the admin removes the trained model: the configured one is served again
+    assert served.predictor() is not trained and served.describe()["file"] == str(configured)

@@ -9,7 +9,6 @@ import hashlib
 import json
 import logging
 import os
-import socket
 import subprocess
 import sys
 import textwrap
@@ -42,7 +41,7 @@ from segany_pet.train import (
     split_records,
 )
 from segany_pet.train.simulate import add_corrective_click, interior_click, jittered_box
-from support import TINY
+from support import TINY, free_port
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -405,12 +404,6 @@ WORKER = textwrap.dedent(
 )
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_two_processes_under_torchrun_train_one_model_on_disjoint_shards(tmp_path, cohort):
     (tmp_path / "worker.py").write_text(WORKER)
     job = {"config": config(tmp_path / "run", epochs=1, iterations_per_epoch=3, threads=1).to_dict(),
@@ -418,7 +411,7 @@ def test_two_processes_under_torchrun_train_one_model_on_disjoint_shards(tmp_pat
     (tmp_path / "job.json").write_text(json.dumps(job))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "lib")}
     command = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
-               "--master_addr=127.0.0.1", f"--master_port={_free_port()}", str(tmp_path / "worker.py"),
+               "--master_addr=127.0.0.1", f"--master_port={free_port()}", str(tmp_path / "worker.py"),
                str(tmp_path / "job.json")]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-4000:]

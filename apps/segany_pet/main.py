@@ -14,12 +14,15 @@ import segany_pet
 from segany_pet.errors import UnknownImageError
 from segany_pet.label.infer import LESION_LABELS, AnnotationSessions, PromptableSegmentationInfer, SUVThresholdInfer
 from segany_pet.label.models import ServedModel
+from segany_pet.label.train import PromptableTrainTask
 from segany_pet.pet import VolumeCache
 
 logger = logging.getLogger(__name__)
 
 MODEL_DIR = Path(__file__).resolve().parents[2] / "model"
 DEFAULT_MODEL = "segany_pet_small.pt"
+STATE_DIR = ".segany_pet"
+PROMPTABLE = "segany_pet"
 
 
 class SegAnyPETApp(MONAILabelApp):
@@ -30,15 +33,22 @@ class SegAnyPETApp(MONAILabelApp):
     - ``inference_dtype``: ``float32`` (default) or ``bfloat16`` for the image encoder;
     - ``threshold_method``: default of ``suv_threshold`` (relative_41, relative_50, fixed_2.5, fixed_4.0);
     - ``volume_cache``: scans kept in memory (4); ``sessions``: annotator sessions kept (64).
+
+    Training (``POST /train/segany_pet``) keeps its runs and publishes its model under the datastore's
+    ``.segany_pet/`` folder (a model trained on these labels belongs to them, not to every datastore the app
+    serves); the published model is served in place of ``model`` until it is deleted.
     """
 
     def __init__(self, app_dir, studies, conf):
         self.volumes = VolumeCache(capacity=int(conf.get("volume_cache", 4)))
         self.sessions = AnnotationSessions(capacity=int(conf.get("sessions", 64)))
+        local = not studies.startswith(("http://", "https://"))
+        self.state_dir = Path(studies) / STATE_DIR if local else Path(app_dir) / STATE_DIR
         model_file = Path(conf.get("model", DEFAULT_MODEL))
         self.served_model = ServedModel(
             model_file if model_file.is_absolute() else MODEL_DIR / model_file,
             dtype=conf.get("inference_dtype"),
+            published=self.state_dir / "models" / f"{PROMPTABLE}.pt",
         )
         super().__init__(
             app_dir=app_dir,
@@ -65,11 +75,14 @@ class SegAnyPETApp(MONAILabelApp):
         method = self.conf.get("threshold_method", "relative_41")
         shared = {"served": self.served_model, "volumes": self.volumes, "sessions": self.sessions}
         return {
-            "segany_pet": PromptableSegmentationInfer(**shared),
+            PROMPTABLE: PromptableSegmentationInfer(**shared),
             # The same model for OHIF's vista3d panel, which sends points + point_labels.
             "segany_pet_vista": PromptableSegmentationInfer(**shared, infer_type="vista3d"),
             "suv_threshold": SUVThresholdInfer(default_method=method, volumes=self.volumes),
         }
+
+    def init_trainers(self):
+        return {PROMPTABLE: PromptableTrainTask(PROMPTABLE, self.served_model, self.state_dir)}
 
     def init_strategies(self):
         return {"random": Random(), "first": First()}
@@ -79,10 +92,15 @@ class SegAnyPETApp(MONAILabelApp):
         # Only the server has a FastAPI app; training/scoring subprocesses build this class too.
         from monailabel.app import app as fastapi_app
 
-        from segany_pet.label.server import install_error_handlers, serve_infer_off_the_event_loop
+        from segany_pet.label.server import (
+            check_and_stop_training,
+            install_error_handlers,
+            serve_infer_off_the_event_loop,
+        )
 
         install_error_handlers(fastapi_app)
         serve_infer_off_the_event_loop(fastapi_app)
+        check_and_stop_training(fastapi_app, self._trainers, self.datastore())
         self.served_model.start_loading()
 
     def infer(self, request, datastore=None):

@@ -1,4 +1,6 @@
-"""The weights an app serves: one checkpoint file, loaded off the request path, reloaded when replaced.
+"""The weights an app serves: a checkpoint file, loaded off the request path, reloaded when replaced.
+
+A model published by training (``published``) takes the place of the configured file while it exists.
 
 State is reported in /info (``ServedModel.describe``) so a missing or broken file is visible to the
 admin at once, never replaced by a silently random model.
@@ -29,19 +31,28 @@ class ServedModel:
     """A checkpoint file and its Predictor.
 
     ``start_loading`` reads the file in a background thread (server start stays fast). ``predictor``
-    returns the ready Predictor, reloading first when the file's modification time changed (a newly
-    published checkpoint), and raises ModelUnavailableError with the reason otherwise.
+    returns the ready Predictor, reloading first when the file to serve or its modification time changed
+    (a newly published checkpoint), and raises ModelUnavailableError with the reason otherwise.
+    ``published``: where training publishes its model; served instead of ``path`` when it exists.
     """
 
-    def __init__(self, path: str | os.PathLike, dtype: str | None = None, cache_size: int = 8):
+    def __init__(self, path: str | os.PathLike, dtype: str | None = None, cache_size: int = 8,
+                 published: str | os.PathLike | None = None):
         self.path = Path(path)
+        self.published = Path(published) if published else None
         self.dtype = dtype
         self.cache_size = cache_size
         self._predictor: Predictor | None = None
-        self._loaded_mtime: int | None = None
+        self._loaded: tuple[Path, int] | None = None  # file and modification time of the served model
         self._error: str | None = None
         self._loading = False
         self._lock = threading.Lock()
+
+    def current_path(self) -> Path:
+        """The file served: the published model when there is one, else the configured file."""
+        if self.published is not None and self.published.exists():
+            return self.published
+        return self.path
 
     def start_loading(self) -> None:
         threading.Thread(target=self._load_quietly, name=f"load {self.path.name}", daemon=True).start()
@@ -54,18 +65,19 @@ class ServedModel:
 
     def _load(self) -> Predictor:
         with self._lock:
-            mtime = self._mtime()
-            if self._predictor is not None and mtime == self._loaded_mtime:
+            path = self.current_path()
+            mtime = _mtime(path)
+            if self._predictor is not None and (path, mtime) == self._loaded:
                 return self._predictor
             self._loading = True
             started = time.perf_counter()
             try:
                 if mtime is None:
                     raise CheckpointError(
-                        f"model file {self.path} does not exist; put a checkpoint there "
+                        f"model file {path} does not exist; put a checkpoint there "
                         "(see model/README.md) or choose another with --conf model <file>"
                     )
-                model = load_checkpoint(self.path)
+                model = load_checkpoint(path)
             except CheckpointError as exc:
                 self._error = str(exc)
                 logger.error("model not served: %s", exc)
@@ -73,26 +85,23 @@ class ServedModel:
             finally:
                 self._loading = False
             self._predictor = Predictor(model, dtype=self.dtype, cache_size=self.cache_size)
-            self._loaded_mtime = mtime
+            self._loaded = (path, mtime)
             self._error = None
             seconds = time.perf_counter() - started
-            logger.info("serving %s (preset %s), loaded in %.2f s", self.path, model.preset.name, seconds)
+            logger.info("serving %s (preset %s), loaded in %.2f s", path, model.preset.name, seconds)
             return self._predictor
 
     def predictor(self) -> Predictor:
         return self._load()
 
-    def _mtime(self) -> int | None:
-        try:
-            return os.stat(self.path).st_mtime_ns
-        except FileNotFoundError:
-            return None
-
     def describe(self) -> dict:
         """For /info: which file, which preset, and whether it is ready, loading or broken (and why)."""
         predictor = self._predictor
         state = "loading" if self._loading else "error" if self._error else "ready" if predictor else "not loaded"
-        record = {"file": str(self.path), "state": state}
+        record = {"file": str(self._loaded[0] if self._loaded else self.current_path()), "state": state}
+        if self.published is not None:
+            record["configured_file"] = str(self.path)
+            record["published_file"] = str(self.published)
         if self._error:
             record["error"] = self._error
         if predictor is not None:
@@ -102,3 +111,10 @@ class ServedModel:
             if model.initialised_keys:
                 record["initialised_keys"] = list(model.initialised_keys)
         return record
+
+
+def _mtime(path: Path) -> int | None:
+    try:
+        return os.stat(path).st_mtime_ns
+    except FileNotFoundError:
+        return None

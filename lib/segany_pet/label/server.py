@@ -1,10 +1,12 @@
-"""Server glue: project errors become 4xx answers that tell the client what to fix; infer runs off the event loop."""
+"""Server glue: project errors become 4xx answers that tell the client what to fix; infer runs off the event loop;
+training requests are checked before they start and stop cleanly."""
 
 from __future__ import annotations
 
 import inspect
 import json
 import logging
+import time
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
@@ -47,6 +49,33 @@ def install_error_handlers(app: FastAPI) -> None:
     app.middleware_stack = None
 
 
+def _replace_route(app: FastAPI, router, endpoint, replacement) -> bool:
+    """Serve ``replacement`` (given ``endpoint``'s signature) in place of MONAI Label's route to ``endpoint``.
+
+    The new route goes first in the app's routes, so it matches before the router MONAI Label included
+    (FastAPI resolves included routers lazily: their routes are not in ``app.router.routes``).
+    """
+    from monailabel.config import settings
+
+    found = [route for route in router.routes if isinstance(route, APIRoute) and route.endpoint is endpoint]
+    if not found:
+        logger.warning("MONAI Label's route to %s was not found; it is served unchanged", endpoint.__qualname__)
+        return False
+    route = found[0]
+    replacement.__signature__ = inspect.signature(endpoint)
+    app.router.add_api_route(
+        settings.MONAI_LABEL_API_STR + route.path,
+        replacement,
+        methods=list(route.methods),
+        summary=route.summary,
+        tags=route.tags,
+        responses=route.responses,
+        name=route.name,
+    )
+    app.router.routes.insert(0, app.router.routes.pop())
+    return True
+
+
 def serve_infer_off_the_event_loop(app: FastAPI) -> None:
     """Run ``POST /infer/{model}`` in FastAPI's worker threads instead of on the event loop.
 
@@ -56,26 +85,53 @@ def serve_infer_off_the_event_loop(app: FastAPI) -> None:
     """
     from monailabel.endpoints import infer as infer_endpoint
 
-    found = [
-        (index, route)
-        for index, route in enumerate(app.router.routes)
-        if isinstance(route, APIRoute) and route.endpoint is infer_endpoint.api_run_inference
-    ]
-    if not found:
-        logger.warning("MONAI Label's infer route was not found; inference runs on the event loop")
-        return
-    index, route = found[0]
-
     def run_inference_in_worker_thread(background_tasks, model, image, session_id, params, file, label, output, user):
         return infer_endpoint.run_inference(background_tasks, model, image, session_id, params, file, label, output)
 
-    run_inference_in_worker_thread.__signature__ = inspect.signature(route.endpoint)
-    app.router.routes[index] = APIRoute(
-        route.path,
-        run_inference_in_worker_thread,
-        methods=list(route.methods),
-        summary=route.summary,
-        tags=route.tags,
-        responses=route.responses,
-        name=route.name,
-    )
+    _replace_route(app, infer_endpoint.router, infer_endpoint.api_run_inference, run_inference_in_worker_thread)
+
+
+def check_and_stop_training(app: FastAPI, trainers: dict, datastore, stop_grace_seconds: float = 60.0) -> None:
+    """Make MONAI Label's training routes answer like the rest of the project.
+
+    - ``POST /train/{model}`` checks the options and that the datastore holds labels before it starts a
+      subprocess, so a mistake is a 4xx now rather than a failed job to discover later in ``GET /train/``;
+    - ``DELETE /train/`` asks the running job to save and stop (``request_stop``) and waits up to
+      ``stop_grace_seconds`` for it to exit, instead of killing it mid-write; it kills only a job that does
+      not stop in time. The stopped job continues from its checkpoint on the next POST.
+    """
+    from monailabel.endpoints import train as train_endpoint
+    from monailabel.utils.async_tasks import utils as async_tasks
+
+    from segany_pet.train import records_from_datastore
+
+    def run_model(model, params, run_sync, enqueue, user):
+        task = trainers.get(model)
+        if task is not None:
+            task.training_config({**(params or {}), "model": model})
+            records_from_datastore(datastore)
+            task.clear_stop_request()
+        return train_endpoint.run_model(model, params, run_sync, enqueue)
+
+    def stop(user):
+        running = dict(async_tasks.background_processes.get("train") or {})
+        if not running:
+            return train_endpoint.stop()
+        for task in trainers.values():
+            task.request_stop()
+        for job in async_tasks.background_tasks.get("train", []):
+            if job["id"] in running:
+                job["status"] = "STOPPED"  # MONAI Label would record DONE for the clean exit
+        deadline = time.monotonic() + stop_grace_seconds
+        while time.monotonic() < deadline and any(p.poll() is None for p in running.values()):
+            time.sleep(0.2)
+        if any(p.poll() is None for p in running.values()):
+            logger.warning("training did not stop within %.0f s of the request; killing it", stop_grace_seconds)
+            return train_endpoint.stop()
+        jobs = [job for job in async_tasks.background_tasks.get("train", []) if job["id"] in running]
+        for job in jobs:
+            job.setdefault("end_ts", time.strftime("%Y-%m-%d %H:%M:%S"))
+        return jobs[-1] if jobs else None
+
+    _replace_route(app, train_endpoint.router, train_endpoint.api_run_model, run_model)
+    _replace_route(app, train_endpoint.router, train_endpoint.api_stop, stop)

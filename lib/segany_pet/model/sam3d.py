@@ -79,17 +79,19 @@ PRESETS: dict[str, Preset] = {
     # The published SAM-Med3D / SegAnyPET configuration ("vit_b_ori", 100.5 M parameters).
     "sam_med3d": Preset(name="sam_med3d", crop_size=128, spacing_mm=1.5, normalisation="zscore_nonzero"),
     # This project's default model, sized by measurement on the 2-core CPU it is trained and served on
-    # (scripts/benchmark_encoder.py; 2 threads, fp32, random weights). A 64^3 crop at 3 mm covers 192 mm
-    # (lesions and most organs) with 8^3 tokens of 24 mm and 6 mm low-res logits, as in the published model.
-    # All-global attention (no padding to pay for). 8.0 M parameters. Measured: encoder 0.047-0.054 s + prompt
-    # encoder and decoder 0.005-0.006 s per crop; training step (batch 2, forward + backward + AdamW) 0.36-0.41 s.
-    # Alternatives measured the same way (encoder + decoder / training step): dim 192 x 6 blocks 0.044 /
-    # 0.25 s; 256 x 4 0.047 / 0.29 s; 384 x 6 0.105 / 0.69 s; prompt dim 384 0.071 / 0.45 s. 256 x 6 keeps
-    # a training step well under a second with the most capacity among the cheap ones.
+    # (scripts/benchmark_encoder.py; 2 threads, fp32, random weights). A 64^3 crop at 1.5 mm covers 96 mm
+    # (lesions, kidneys, bladder) with 8^3 tokens of 12 mm and 3 mm low-res logits. At 3 mm (192 mm, 6 mm
+    # logits) a median lesion of 2.7 mL spans three logits and validation Dice after one click stayed at
+    # 0.07-0.12 after 300-580 steps; at 1.5 mm the same run reached 0.46. All-global attention (no padding to
+    # pay for). 8.0 M parameters. Measured: encoder 0.047-0.054 s + prompt encoder and decoder 0.005-0.006 s
+    # per crop; training step (batch 2, forward + backward + AdamW) 0.36-0.41 s. Alternatives measured the
+    # same way (encoder + decoder / training step): dim 192 x 6 blocks 0.044 / 0.25 s; 256 x 4 0.047 /
+    # 0.29 s; 384 x 6 0.105 / 0.69 s; prompt dim 384 0.071 / 0.45 s. 256 x 6 keeps a training step well
+    # under a second with the most capacity among the cheap ones.
     "segany_pet_small": Preset(
         name="segany_pet_small",
         crop_size=64,
-        spacing_mm=3.0,
+        spacing_mm=1.5,
         normalisation="log_suv",
         patch_size=8,
         encoder_dim=256,

@@ -1,0 +1,129 @@
+"""Training through a live MONAI Label server: checked requests, progress, clean stop and resume, publishing.
+
+The server trains in its own subprocess, as in production; the runs are a few steps of the small preset.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import requests
+from monailabel.client import MONAILabelClient
+
+from support import running_server
+
+pytestmark = [pytest.mark.server, pytest.mark.slow]
+
+MODEL = "segany_pet"
+FEW_STEPS = {"epochs": 2, "iterations_per_epoch": 3, "batch_size": 1, "val_cases": 1, "clicks_per_sample": 2,
+             "val_clicks": 1}
+
+
+@pytest.fixture(scope="module")
+def datastore(cohort, tmp_path_factory) -> Path:
+    """The cohort's three phantoms, no labels yet."""
+    folder = tmp_path_factory.mktemp("train_datastore")
+    for json_path in sorted((cohort / "truth").glob("*.json")):
+        shutil.copy(cohort / "images" / f"{json_path.stem}.nii.gz", folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def train_server(datastore, random_checkpoint, tmp_path_factory) -> str:
+    with running_server(datastore, [("model", random_checkpoint)], tmp_path_factory.mktemp("train_server")) as url:
+        yield url
+
+
+def start(server, params) -> requests.Response:
+    return requests.post(f"{server}/train/{MODEL}", json=params, timeout=30)
+
+
+def train_stats(server) -> dict:
+    return MONAILabelClient(server).info()["train_stats"][MODEL]
+
+
+def wait_for(condition, timeout=300, what="condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.5)
+    pytest.fail(f"timed out after {timeout} s waiting for {what}")
+
+
+def current_job(server) -> dict:
+    return requests.get(f"{server}/train/", timeout=10).json()
+
+
+def job_finished(server) -> dict | None:
+    job = current_job(server)
+    return job if job["status"] not in ("SUBMITTED", "RUNNING") else None
+
+
+def test_requests_are_checked_before_a_job_starts(train_server):
+    no_labels = start(train_server, FEW_STEPS)
+    assert no_labels.status_code == 422 and "no labeled images" in no_labels.json()["detail"]
+    for params, words in (({"epochs": "many"}, "epochs must be an integer"),
+                          ({"epochs": 0}, "epochs must be at least 1"),
+                          ({"learning_rate": 0.1}, "unknown training option(s) learning_rate"),
+                          ({"init": "imagenet"}, "init must be one of")):
+        response = start(train_server, params)
+        assert response.status_code == 422, response.text
+        assert words in response.json()["detail"]
+    assert requests.get(f"{train_server}/info/", timeout=10).status_code == 200
+
+
+def test_training_on_saved_labels_reports_progress_and_publishes_the_model(train_server, cohort, datastore):
+    client = MONAILabelClient(train_server)
+    for index, image in enumerate(sorted(p.name[: -len(".nii.gz")] for p in datastore.glob("*.nii.gz"))):
+        lesions = nib.load(cohort / "truth" / f"{image}_lesions.nii.gz")
+        label = datastore.parent / f"{image}_label.nii.gz"
+        nib.save(nib.Nifti1Image((np.asarray(lesions.dataobj) > 0).astype(np.uint8), lesions.affine), label)
+        client.save_label(image, str(label), params={"quality": "low" if index == 2 else "high"})
+
+    assert start(train_server, FEW_STEPS).status_code == 200
+    job = wait_for(lambda: job_finished(train_server), what="the training job")
+    assert job["status"] == "DONE", job
+    assert any("progress: epoch 2/2, iteration 6/6" in line for line in job["details"]), job["details"]
+
+    stats = train_stats(train_server)
+    assert stats["status"] == "finished" and stats["epoch"] == 2 and stats["step"] == 6
+    assert stats["best_metric"] is not None and stats["key_metric_name"] == "val_dice_1click"
+    published = Path(stats["published"])
+    assert published == datastore / ".segany_pet" / "models" / f"{MODEL}.pt" and published.exists()
+
+    # The next click is answered by the published model, without a restart.
+    response = requests.post(f"{train_server}/infer/{MODEL}", params={"image": image, "output": "json"},
+                             data={"params": json.dumps({"foreground": [[60, 60, 120]]})}, timeout=120)
+    assert response.status_code == 200, response.text
+    served = client.info()["models"][MODEL]["model"]
+    assert served["file"] == str(published) and served["state"] == "ready"
+
+
+def test_delete_stops_a_job_cleanly_and_the_next_post_continues_it(train_server, datastore):
+    long_run = {**FEW_STEPS, "epochs": 40, "val_cases": 0}
+    assert start(train_server, long_run).status_code == 200
+    wait_for(lambda: any("progress:" in line for line in current_job(train_server).get("details", [])), what="progress")
+
+    stopped = requests.delete(f"{train_server}/train/", timeout=90).json()
+    assert stopped["status"] == "STOPPED"
+    stats = train_stats(train_server)
+    assert stats["status"] == "stopped" and stats["step"] >= 1
+    run_dir = datastore / ".segany_pet" / "train" / MODEL
+    assert (run_dir / "checkpoint_last.pt").exists() and not (run_dir / "STOP").exists()
+
+    # The stopped job is not published over the finished one, and a new POST resumes it where it stopped.
+    stopped_step = stats["step"]
+    assert start(train_server, long_run).status_code == 200
+    wait_for(lambda: train_stats(train_server).get("progress", {}).get("iteration", 0) > stopped_step,
+             what="the resumed job's progress")
+    resumed = next(line for line in current_job(train_server)["details"] if "resuming from" in line)
+    assert f"step {stopped_step}" in resumed
+    assert requests.delete(f"{train_server}/train/", timeout=90).json()["status"] == "STOPPED"
