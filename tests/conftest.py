@@ -16,7 +16,7 @@ import torch
 
 from segany_pet.model import build_model, save_checkpoint
 from segany_pet.phantom import write_cohort
-from support import running_server
+from support import LARGE_SCAN, running_server
 
 
 def _write_bad_images(folder: Path) -> None:
@@ -30,12 +30,23 @@ def _write_bad_images(folder: Path) -> None:
     nib.save(nib.Nifti1Image(raw, affine), folder / "raw_bq_per_ml.nii.gz")
 
 
+def _write_large_scan(folder: Path) -> None:
+    """A scan on the autoPET grid (400 x 400 x 326 at 2.036 x 2.036 x 3 mm): one hot 20 mm sphere at its centre."""
+    shape = (400, 400, 326)
+    suv = np.ones(shape, dtype=np.float32)
+    i, j, k = np.ogrid[: shape[0], : shape[1], : shape[2]]
+    suv[((i - 200) * 2.036) ** 2 + ((j - 200) * 2.036) ** 2 + ((k - 163) * 3.0) ** 2 < 20.0**2] = 8.0
+    nib.save(nib.Nifti1Image(suv, np.diag([-2.036, -2.036, 3.0, 1.0])), folder / f"{LARGE_SCAN}.nii.gz")
+
+
 @pytest.fixture(scope="session")
 def cohort(tmp_path_factory) -> Path:
-    """Three FDG and PSMA 4 mm phantoms (ground truth in truth/) plus the bad files in images/."""
+    """Three FDG and PSMA 4 mm phantoms (ground truth in truth/), the bad files and an autoPET-sized scan in
+    images/."""
     root = tmp_path_factory.mktemp("cohort")
     write_cohort(root, 3, tracer="mixed", grid="4mm", seed=7, progress=False)
     _write_bad_images(root / "images")
+    _write_large_scan(root / "images")
     return root
 
 

@@ -27,6 +27,8 @@ TINY = Preset(name="tiny", crop_size=32, spacing_mm=6.0, normalisation="log_suv"
 
 # Files a careless export puts in a studies folder; each must get a 4xx, not a crash.
 BAD_IMAGES = ("corrupt_file", "dynamic_4d", "nan_filled", "raw_bq_per_ml")
+# An autoPET-sized scan in the test cohort, hot sphere at voxel (200, 200, 163).
+LARGE_SCAN = "large_autopet_grid"
 
 
 def case_truth(cohort: Path, case: str) -> tuple[dict, np.ndarray]:
