@@ -103,7 +103,6 @@ def main() -> None:
         print(f"clicks on {model}" + (f" ({args.sam}, random weights)" if args.sam else "") + "\n")
         try:
             predictor_parts = ("crop", "encode", "decode", "paste")
-            parts = predictor_parts if args.sam else ("load", "segment", "quantify", "write")
             print("| scan | shape | cold click (s) | warm click median (s) | cold / warm | warm server-side (s) |"
                   + (" warm click / predictor |" if args.sam else ""))
             print("|---|---|---|---|---|---|" + ("---|" if args.sam else ""))
@@ -112,7 +111,8 @@ def main() -> None:
                 warm_runs = [click(url, model, name, voxel) for _ in range(args.warm)]
                 warm = statistics.median(seconds for seconds, _ in warm_runs)
                 server_side = ", ".join(
-                    f"{part} {statistics.median(latencies[part] for _, latencies in warm_runs):.3f}" for part in parts
+                    f"{part} {statistics.median(latencies[part] for _, latencies in warm_runs):.3f}"
+                    for part in warm_runs[0][1]
                 )
                 size = "x".join(map(str, shape))
                 row = f"| {name} | {size} | {cold:.3f} | {warm:.3f} | {cold / warm:.1f} | {server_side} |"

@@ -58,6 +58,12 @@ def wait_for(condition, timeout=300, what="condition"):
     pytest.fail(f"timed out after {timeout} s waiting for {what}")
 
 
+def click(server, image, client_id) -> requests.Response:
+    params = {"foreground": [[60, 60, 120]], "client_id": client_id}
+    return requests.post(f"{server}/infer/{MODEL}", params={"image": image, "output": "json"},
+                         data={"params": json.dumps(params)}, timeout=120)
+
+
 def current_job(server) -> dict:
     return requests.get(f"{server}/train/", timeout=10).json()
 
@@ -88,6 +94,9 @@ def test_training_on_saved_labels_reports_progress_and_publishes_the_model(train
         nib.save(nib.Nifti1Image((np.asarray(lesions.dataobj) > 0).astype(np.uint8), lesions.affine), label)
         client.save_label(image, str(label), params={"quality": "low" if index == 2 else "high"})
 
+    before = click(train_server, image, "anna")
+    assert before.status_code == 200 and before.json()["model"] == "random_small.pt"
+
     assert start(train_server, FEW_STEPS).status_code == 200
     job = wait_for(lambda: job_finished(train_server), what="the training job")
     assert job["status"] == "DONE", job
@@ -99,10 +108,11 @@ def test_training_on_saved_labels_reports_progress_and_publishes_the_model(train
     published = Path(stats["published"])
     assert published == datastore / ".segany_pet" / "models" / f"{MODEL}.pt" and published.exists()
 
-    # The next click is answered by the published model, without a restart.
-    response = requests.post(f"{train_server}/infer/{MODEL}", params={"image": image, "output": "json"},
-                             data={"params": json.dumps({"foreground": [[60, 60, 120]]})}, timeout=120)
-    assert response.status_code == 200, response.text
+    # The next click is answered by the published model, without a restart; anna's refinement starts over.
+    after = click(train_server, image, "anna")
+    assert after.status_code == 200, after.text
+    assert after.json()["model"] == published.name
+    assert any("served model changed" in note for note in after.json()["notes"])
     served = client.info()["models"][MODEL]["model"]
     assert served["file"] == str(published) and served["state"] == "ready"
 

@@ -246,7 +246,7 @@ class PromptableSegmentationInfer(InferTask):
 
     def __call__(self, request: dict) -> tuple[str, dict]:
         started = time.perf_counter()
-        predictor = self.served.predictor()
+        predictor, predictor_file = self.served.predictor_and_file()
         volume = self.volumes.load(request["image"])
         latencies = {"load": time.perf_counter() - started}
 
@@ -259,6 +259,12 @@ class PromptableSegmentationInfer(InferTask):
         if client and request.get("reset"):
             self.sessions.drop(key)
         state = self.sessions.get(key) if client else None
+        notes = []
+        if state is not None and state.session.predictor is not predictor:
+            # A newly published model: the old mask prompt means nothing to it.
+            self.sessions.drop(key)
+            state = None
+            notes.append("the served model changed since this client's last click; refinement started over")
         if request.get("refine") and state is None:
             raise SessionNotFoundError(
                 f"no earlier result for client {client!r} on this image to refine: send the clicks without "
@@ -280,9 +286,9 @@ class PromptableSegmentationInfer(InferTask):
             "windows": prediction.windows,
             "cache_hit": prediction.cache_hit,
             "clicks": {"foreground": len(prediction.foreground), "background": len(prediction.background)},
-            "model": self.served.path.name,
-            "notes": list(prediction.notes),
+            "model": predictor_file.name,
+            "notes": notes + list(prediction.notes),
         }
         path, params = write_reply(volume, prediction.mask, request, params, latencies)
-        logger.info("%s for %s: %s", self.served.path.name, client or "anonymous", summary(params))
+        logger.info("%s for %s: %s", predictor_file.name, client or "anonymous", summary(params))
         return path, params

@@ -46,7 +46,7 @@ class ServedModel:
         self._loaded: tuple[Path, int] | None = None  # file and modification time of the served model
         self._error: str | None = None
         self._loading = False
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # predictor_and_file holds it around _load
 
     def current_path(self) -> Path:
         """The file served: the published model when there is one, else the configured file."""
@@ -93,6 +93,12 @@ class ServedModel:
 
     def predictor(self) -> Predictor:
         return self._load()
+
+    def predictor_and_file(self) -> tuple[Predictor, Path]:
+        """The ready Predictor and the file its weights came from."""
+        with self._lock:
+            predictor = self._load()
+            return predictor, self._loaded[0]
 
     def describe(self) -> dict:
         """For /info: which file, which preset, and whether it is ready, loading or broken (and why)."""
