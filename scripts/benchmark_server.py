@@ -2,11 +2,13 @@
 
 Serves one 4 mm whole-body phantom and one autoPET-sized phantom (400x400x326 at 2.036x2.036x3 mm)
 and clicks on a lesion as OHIF does (NRRD reply). With ``--sam PRESET`` the clicks go to the 3D SAM
-(``segany_pet``) serving random weights of that preset (speed does not depend on the weights), and the
-table adds the predictor's own share of each click (crop + encode + decode + paste, measured in the
-server), so REST overhead = click / predictor.
+(``segany_pet``) serving random weights of that preset, with ``--model FILE`` serving that checkpoint
+(the shipped default: ``model/segany_pet_small.pt``). Random weights time the model itself but not
+the masks a trained model draws (their size sets the paste, quantify and write costs, and a blob
+reaching the crop's faces adds windows). The table adds the predictor's own share of each click
+(crop + encode + decode + paste, measured in the server), so REST overhead = click / predictor.
 
-    .venv/bin/python scripts/benchmark_server.py [--starts 3] [--warm 5] [--sam segany_pet_small|sam_med3d]
+    .venv/bin/python scripts/benchmark_server.py [--starts 3] [--warm 5] [--sam PRESET | --model FILE]
 """
 
 from __future__ import annotations
@@ -71,9 +73,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--starts", type=int, default=3, help="server starts to time")
     parser.add_argument("--warm", type=int, default=5, help="warm clicks per scan")
-    parser.add_argument("--sam", choices=sorted(PRESETS), help="click the 3D SAM of this preset (random weights)")
+    served = parser.add_mutually_exclusive_group()
+    served.add_argument("--sam", choices=sorted(PRESETS), help="click the 3D SAM of this preset (random weights)")
+    served.add_argument("--model", type=Path, help="click the 3D SAM serving this checkpoint")
     args = parser.parse_args()
-    model = "segany_pet" if args.sam else "suv_threshold"
+    sam = bool(args.sam or args.model)
+    model = "segany_pet" if sam else "suv_threshold"
 
     with tempfile.TemporaryDirectory() as tmp:
         studies = Path(tmp) / "images"
@@ -89,6 +94,8 @@ def main() -> None:
         if args.sam:
             torch.manual_seed(0)
             conf = [("model", save_checkpoint(build_model(args.sam), Path(tmp) / f"{args.sam}.pt"))]
+        elif args.model:
+            conf = [("model", args.model.resolve())]
 
         start_times = []
         for _ in range(args.starts):
@@ -100,12 +107,13 @@ def main() -> None:
               f"over {args.starts} starts ({', '.join(f'{s:.2f}' for s in start_times)})\n")
 
         process, url, _ = start_server(studies, log_path, conf)
-        print(f"clicks on {model}" + (f" ({args.sam}, random weights)" if args.sam else "") + "\n")
+        served_by = f" ({args.sam}, random weights)" if args.sam else f" ({args.model})" if args.model else ""
+        print(f"clicks on {model}{served_by}\n")
         try:
             predictor_parts = ("crop", "encode", "decode", "paste")
             print("| scan | shape | cold click (s) | warm click median (s) | cold / warm | warm server-side (s) |"
-                  + (" warm click / predictor |" if args.sam else ""))
-            print("|---|---|---|---|---|---|" + ("---|" if args.sam else ""))
+                  + (" warm click / predictor |" if sam else ""))
+            print("|---|---|---|---|---|---|" + ("---|" if sam else ""))
             for name, (voxel, shape) in clicks.items():
                 cold, _ = click(url, model, name, voxel)
                 warm_runs = [click(url, model, name, voxel) for _ in range(args.warm)]
@@ -116,7 +124,7 @@ def main() -> None:
                 )
                 size = "x".join(map(str, shape))
                 row = f"| {name} | {size} | {cold:.3f} | {warm:.3f} | {cold / warm:.1f} | {server_side} |"
-                if args.sam:
+                if sam:
                     predictor = statistics.median(sum(lat[p] for p in predictor_parts) for _, lat in warm_runs)
                     row += f" {warm / predictor:.1f} |"
                 print(row)

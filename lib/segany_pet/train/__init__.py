@@ -1,6 +1,8 @@
 """Training the 3D SAM: records and crops (data), SAM-style click simulation and loss (simulate), the trainer
-with checkpoints, resume, validation and progress (trainer), and torchrun support (distributed)."""
+with checkpoints, resume, validation and progress (trainer), Cross-Prompt Confidence Learning (cpcl), and
+torchrun support (distributed). `make_trainer` picks the trainer a TrainConfig's ``method`` names."""
 
+from segany_pet.train.cpcl import CPCLTrainer, confidence_targets, noise_report
 from segany_pet.train.data import (
     TIERS,
     CropSample,
@@ -27,7 +29,19 @@ from segany_pet.train.trainer import (
     split_records,
 )
 
+
+def make_trainer(config: TrainConfig | dict, records, val_records=None, **callbacks) -> Trainer:
+    """The trainer for ``config.method``: Trainer ("plain") or CPCLTrainer ("cpcl")."""
+    config = config if isinstance(config, TrainConfig) else TrainConfig.from_dict(config)
+    trainer_class = CPCLTrainer if config.method == "cpcl" else Trainer
+    return trainer_class(config, records, val_records, **callbacks)
+
+
 __all__ = [
+    "CPCLTrainer",
+    "confidence_targets",
+    "make_trainer",
+    "noise_report",
     "CHECKPOINT_LAST",
     "KEY_METRIC",
     "MODEL_BEST",

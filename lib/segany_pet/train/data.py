@@ -333,13 +333,17 @@ class CropSampler:
         self.position_jitter = position_jitter
         self.intensity_scale = intensity_scale
         self.objects = [(c, o) for c, case in enumerate(cases) for o in case.objects]
+        self.set_low_tier_weight(low_tier_weight)
+        self.hot_spots = [(c, spot) for c, case in enumerate(cases) for spot in case.hot_spots]
+        self.drawn: Counter[str] = Counter()  # crops drawn per case id
+
+    def set_low_tier_weight(self, low_tier_weight: float) -> None:
+        """Sampling weight of low-tier objects relative to high-tier ones (CPCL's warm-up sets it to 0)."""
         tier_weight = {"high": 1.0, "low": float(low_tier_weight)}
-        weights = np.array([tier_weight[cases[c].tier] * o.voxels ** (1 / 3) for c, o in self.objects])
+        weights = np.array([tier_weight[self.cases[c].tier] * o.voxels ** (1 / 3) for c, o in self.objects])
         if not self.objects or weights.sum() <= 0:
             raise TrainingDataError("no object to sample: every case is empty or has low_tier_weight 0")
         self.weights = weights / weights.sum()
-        self.hot_spots = [(c, spot) for c, case in enumerate(cases) for spot in case.hot_spots]
-        self.drawn: Counter[str] = Counter()  # crops drawn per case id
 
     def batch(self, size: int) -> list[CropSample]:
         return [self.sample() for _ in range(size)]

@@ -99,9 +99,12 @@ def add_corrective_click(prompt: Prompt, prediction: np.ndarray, target: np.ndar
 
 
 def segmentation_loss(logits: torch.Tensor, target: torch.Tensor, iou_estimate: torch.Tensor,
-                      iou_weight: float = 1.0, bce_weight: float = 0.1) -> tuple[torch.Tensor, torch.Tensor]:
+                      iou_weight: float = 1.0, bce_weight: float = 0.1,
+                      weight: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Dice + class-balanced BCE of logits (B, 1, *grid) against a (possibly soft) target of the same grid, plus
     the IoU head's MSE against the IoU of the thresholded mask. Returns (loss, Dice of the thresholded masks (B,)).
+    ``weight`` (same shape, optional): per-voxel weights of the BCE and soft Dice terms (CPCL down-weights
+    voxels whose label it doubts).
 
     The BCE is the mean over object voxels plus the mean over background voxels, halved. Plain BCE is ~99.9%
     background here (a 2 mL lesion in a 64^3 crop): measured on segany_pet_small, it drives every logit to
@@ -115,10 +118,16 @@ def segmentation_loss(logits: torch.Tensor, target: torch.Tensor, iou_estimate: 
     dims = tuple(range(1, logits.dim()))
     probability = torch.sigmoid(logits)
     cross_entropy = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
+    if weight is not None:
+        cross_entropy = cross_entropy * weight
+        probability, weighted_target = probability * weight, target * weight
+    else:
+        weighted_target = target
     on_object = (cross_entropy * target).sum(dims) / target.sum(dims).clamp_min(1)
     on_background = (cross_entropy * (1 - target)).sum(dims) / (1 - target).sum(dims).clamp_min(1)
     bce = 0.5 * (on_object + on_background).mean()
-    soft_dice = 1 - (2 * (probability * target).sum(dims) + 1) / (probability.sum(dims) + target.sum(dims) + 1)
+    overlap = (probability * target).sum(dims)
+    soft_dice = 1 - (2 * overlap + 1) / (probability.sum(dims) + weighted_target.sum(dims) + 1)
     with torch.no_grad():
         hard, truth = logits > 0, target >= 0.5
         intersection = (hard & truth).sum(dims).float()
@@ -136,9 +145,10 @@ class InteractiveStep(nn.Module):
     ``forward(images (B, 1, S, S, S), targets (N, S, S, S) bool, prompts, crop_of)`` -> (summed loss, info)
     where info holds the loss and mean Dice of each iteration. ``prompts`` (one `Prompt` per target) grow in
     place with the corrective clicks; ``crop_of`` (N,) says which crop each target is in (None: N = B, one
-    target per crop). ``loss_resolution``: "crop" compares the low-res logits upsampled (trilinear, as the
-    predictor does) with the crop target; "low_res" compares the logits with the target averaged down to
-    their grid (a soft target).
+    target per crop). `session` is the part after the encoder, for callers (CPCL) that need the opening
+    prompt's logits before they know the targets. ``loss_resolution``: "crop" compares the low-res logits
+    upsampled (trilinear, as the predictor does) with the crop target; "low_res" compares the logits with
+    the target averaged down to their grid (a soft target).
     """
 
     def __init__(self, model: Sam3D, iterations: int = 3, loss_resolution: str = "crop", iou_weight: float = 1.0,
@@ -156,25 +166,42 @@ class InteractiveStep(nn.Module):
 
     def forward(self, images: torch.Tensor, targets: torch.Tensor, prompts: list[Prompt],
                 crop_of: torch.Tensor | None = None):
-        size = images.shape[-1]
+        return self.session(self.embed(images, crop_of), targets, prompts)
+
+    def embed(self, images: torch.Tensor, crop_of: torch.Tensor | None = None) -> torch.Tensor:
         embeddings = self.model.image_encoder(images)
         if crop_of is not None:  # several prompt sets (targets) per crop: each crop is encoded once
             embeddings = embeddings[crop_of]
+        return embeddings
+
+    def session(self, embeddings: torch.Tensor, targets: torch.Tensor, prompts: list[Prompt],
+                weights: torch.Tensor | None = None, opening: tuple[torch.Tensor, torch.Tensor] | None = None):
+        """The clicks after the encoder. ``weights`` (N, S, S, S): per-voxel loss weights; ``opening``: the
+        (logits, iou) of the opening prompts, when the caller has decoded them already."""
+        size = targets.shape[-1]
         crop_targets = targets[:, None].float()
-        targets_np = targets.cpu().numpy()
-        low_res_targets = None
+        crop_weights = None if weights is None else weights[:, None].float()
+        targets_np = targets.cpu().numpy() >= 0.5
+        low_res_targets = low_res_weights = None
         previous = None
-        total = images.new_zeros(())
+        total = embeddings.new_zeros(())
         losses, dices = [], []
         for iteration in range(self.iterations):
-            logits, iou = self.decode(embeddings, prompts, previous)
+            if iteration == 0 and opening is not None:
+                logits, iou = opening
+            else:
+                logits, iou = self.decode(embeddings, prompts, previous)
             upsampled = F.interpolate(logits, size=(size,) * 3, mode="trilinear", align_corners=False)
             if self.loss_resolution == "crop":
-                loss, hard_dice = segmentation_loss(upsampled, crop_targets, iou, self.iou_weight, self.bce_weight)
+                loss, hard_dice = segmentation_loss(upsampled, crop_targets, iou, self.iou_weight, self.bce_weight,
+                                                    crop_weights)
             else:
                 if low_res_targets is None:
-                    low_res_targets = F.avg_pool3d(crop_targets, size // logits.shape[-1])
-                loss, hard_dice = segmentation_loss(logits, low_res_targets, iou, self.iou_weight, self.bce_weight)
+                    factor = size // logits.shape[-1]
+                    low_res_targets = F.avg_pool3d(crop_targets, factor)
+                    low_res_weights = None if crop_weights is None else F.avg_pool3d(crop_weights, factor)
+                loss, hard_dice = segmentation_loss(logits, low_res_targets, iou, self.iou_weight, self.bce_weight,
+                                                    low_res_weights)
             total = total + loss
             losses.append(float(loss.detach()))
             dices.append(float(hard_dice.mean()))

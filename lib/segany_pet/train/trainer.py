@@ -61,6 +61,7 @@ TRAIN_STATS = "train_stats.json"
 STOP_FILE = "STOP"
 CHECKPOINT_FORMAT = "segany_pet_training"
 KEY_METRIC = "val_dice_1click"
+TRAINING_METHODS = ("plain", "cpcl")
 DEFAULT_PRESET = "segany_pet_small"
 # Per-epoch sums of every step's loss (per decoder iteration) and Dice of the first and last decoder iteration.
 RUNNING_MEANS = ("loss", "dice_first", "dice_last")
@@ -119,6 +120,24 @@ class TrainConfig:
     # with 0.1, 0.37 with 1.0; with 0 (Dice alone) every logit collapses to background.
     bce_weight: float = 0.1
     iou_loss_weight: float = 1.0
+    # "plain", or "cpcl": Cross-Prompt Confidence Learning with a point- and a box-prompted replica (cpcl.py).
+    method: str = "plain"
+    # CPCL: epochs of warm-up on high-tier labels only, before low-tier labels join.
+    cpcl_warmup_epochs: int = 1
+    # CPCL: a replica "says object" where its probability exceeds this; both saying the same against the
+    # label marks a voxel noisy.
+    cpcl_agreement_threshold: float = 0.5
+    # CPCL: noisy voxels whose averaged probability has a binary entropy below this (bits; 0.5 bits is a
+    # probability beyond 0.11 / 0.89) take the replicas' consensus as target (self-correction) ...
+    cpcl_uncertainty_threshold: float = 0.5
+    # ... the other noisy voxels keep the label with this loss weight.
+    cpcl_uncertain_weight: float = 0.5
+    # CPCL: replace labels in certain noisy voxels (False: only down-weight them; the ablation).
+    cpcl_self_correction: bool = True
+    # CPCL: weight of each replica's loss against the other's confident voxels on low-tier crops, and the
+    # probability (or 1 - probability) above which a voxel counts as confident.
+    cpcl_cross_weight: float = 0.5
+    cpcl_cross_confidence: float = 0.9
     # Seeds the model initialisation, the validation split and (with the rank) the crop sampling.
     seed: int = 0
     # Held-out records for validation: a number (drawn with the seed) or a list of record ids.
@@ -152,6 +171,14 @@ class TrainConfig:
             problems.append("box_share + box_and_click_share must not exceed 1")
         if self.lr <= 0:
             problems.append("lr must be positive")
+        if self.method not in TRAINING_METHODS:
+            problems.append(f"method must be one of {', '.join(TRAINING_METHODS)}, not {self.method!r}")
+        for name in ("cpcl_agreement_threshold", "cpcl_uncertainty_threshold", "cpcl_uncertain_weight",
+                     "cpcl_cross_confidence"):
+            if not 0 <= float(getattr(self, name)) <= 1:
+                problems.append(f"{name} must lie in [0, 1]")
+        if self.cpcl_warmup_epochs < 0 or self.cpcl_cross_weight < 0:
+            problems.append("cpcl_warmup_epochs and cpcl_cross_weight must not be negative")
         if self.loss_resolution not in LOSS_RESOLUTIONS:
             problems.append(f"loss_resolution must be one of {LOSS_RESOLUTIONS}")
         if isinstance(self.preset, str) and self.preset not in PRESETS:
@@ -257,9 +284,31 @@ class Trainer:
             return model
         return build_model(config.resolved_preset())
 
-    def _optimizer(self, model: Sam3D) -> torch.optim.Optimizer:
+    def _step_module(self) -> torch.nn.Module:
+        """The module a training step runs (wrapped by DistributedDataParallel under torchrun)."""
+        config = self.config
+        return InteractiveStep(self.model, config.clicks_per_sample, config.loss_resolution,
+                               config.iou_loss_weight, config.bce_weight)
+
+    # Hooks for trainers that train more than one model (cpcl.py); the plain trainer has nothing to add.
+    def _extra_checkpoint_state(self) -> dict:
+        return {}
+
+    def _load_extra_checkpoint_state(self, record: dict) -> None:
+        pass
+
+    def _on_epoch_start(self, epoch: int) -> None:
+        pass
+
+    def _after_training(self) -> None:
+        pass
+
+    def _extra_stats(self) -> dict:
+        return {}
+
+    def _optimizer(self, module: torch.nn.Module) -> torch.optim.Optimizer:
         decay, no_decay = [], []
-        for name, parameter in model.named_parameters():
+        for name, parameter in module.named_parameters():
             skip = parameter.ndim <= 1 or any(key in name for key in NO_DECAY)
             (no_decay if skip else decay).append(parameter)
         groups = [{"params": decay, "weight_decay": self.config.weight_decay},
@@ -291,6 +340,7 @@ class Trainer:
             "format": CHECKPOINT_FORMAT,
             "preset": self.model.preset.to_dict(),
             "model_state_dict": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
+            **self._extra_checkpoint_state(),
             "optimizer_state_dict": self.optimizer.state_dict(),
             "scheduler_state_dict": self.scheduler.state_dict(),
             "ranks": rank_states,
@@ -317,6 +367,7 @@ class Trainer:
                 f"(now {self.context.world_size}) so the sampling continues unchanged"
             )
         self.model.load_state_dict(record["model_state_dict"])
+        self._load_extra_checkpoint_state(record)
         self.optimizer.load_state_dict(record["optimizer_state_dict"])
         self.scheduler.load_state_dict(record["scheduler_state_dict"])
         mine = record["ranks"][self.context.rank]
@@ -395,9 +446,8 @@ class Trainer:
             low_tier_weight=config.low_tier_weight, neighbours=config.neighbours_per_crop,
         )
         self.prompt_rng = rng
-        step_module = InteractiveStep(self.model, config.clicks_per_sample, config.loss_resolution,
-                                      config.iou_loss_weight, config.bce_weight)
-        self.optimizer = self._optimizer(self.model)
+        step_module = self._step_module()
+        self.optimizer = self._optimizer(step_module)
         self.scheduler = self._scheduler(self.optimizer)
 
         state = {"epoch": 0, "step": 0, "history": [], "best_metric": None, "best_metric_epoch": None,
@@ -426,6 +476,7 @@ class Trainer:
         epoch_started = time.perf_counter()
         try:
             while state["epoch"] < config.epochs:
+                self._on_epoch_start(state["epoch"])
                 epoch_end = (state["epoch"] + 1) * config.iterations_per_epoch
                 while state["step"] < epoch_end:
                     if context.any(self._stop_requested()):
@@ -484,6 +535,8 @@ class Trainer:
                 context.barrier()
         finally:
             bar.close()
+        if context.is_main and status == "finished":
+            self._after_training()
         stats = self._write_stats(state, status, step_seconds) if context.is_main else {}
         return stats
 
@@ -571,6 +624,7 @@ class Trainer:
             "history": history,
             "crops_per_case": dict(self.sampler.drawn),
             "preset": self.model.preset.name,
+            **self._extra_stats(),
             "config": self.config.to_dict(),
         }
         path = self.output_dir / TRAIN_STATS

@@ -1,0 +1,324 @@
+"""Cross-Prompt Confidence Learning (CPCL): noise-robust training that finds and corrects bad labels.
+
+After the SegAnyPET paper. Two replicas of the model train together, one prompted with points and one with
+boxes: the same object seen through different prompts, so their mistakes differ and their agreement means
+something. Labels come in two tiers (``high``: expert, ``low``: noisy).
+
+- Stage 1 (``cpcl_warmup_epochs``): both replicas learn from high-tier labels only (Dice + BCE).
+- Stage 2: low-tier labels join. For each low-tier crop the replicas' predictions of the opening prompt give
+  a confidence map (`confidence_targets`): voxels where both replicas agree with each other but not with the
+  label are label noise. Where their averaged prediction is certain (normalised entropy below
+  ``cpcl_uncertainty_threshold``) the consensus replaces the label (self-correction); where it is uncertain
+  the label is kept but its voxels weigh ``cpcl_uncertain_weight``. Each replica also learns from the other's
+  confident voxels on low-tier crops (cross-supervision, weight ``cpcl_cross_weight``).
+- After training, `noise_report` runs both replicas on every low-tier label, object by object, and gives each
+  case a noise score (the share of its label-or-consensus voxels found noisy) and a corrected label.
+
+The point replica is the model served to annotators (validation and ``model_best.pt``); the box replica is
+saved beside it as ``model_box.pt``. Every threshold and weight is a ``cpcl_*`` field of TrainConfig.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from segany_pet.model import Sam3D, build_model, load_checkpoint, save_checkpoint
+from segany_pet.pet import save_nifti
+from segany_pet.predictor import Predictor, paste_logits
+from segany_pet.prompts import centre_click
+from segany_pet.train.data import TrainingCase, TrainingDataError
+from segany_pet.train.simulate import InteractiveStep, Prompt, first_prompt, jittered_box
+from segany_pet.train.trainer import Trainer
+
+log = logging.getLogger(__name__)
+
+MODEL_BOX = "model_box.pt"
+NOISE_REPORT = "noise_report.json"
+CORRECTED_DIR = "cpcl_corrected"
+LN2 = math.log(2.0)
+
+
+@dataclass
+class Confidence:
+    """Per-voxel outcome of comparing two replicas' predictions with a label (all the label's shape)."""
+
+    label: torch.Tensor  # bool: the label as given
+    target: torch.Tensor  # float: the label, with the consensus in self-corrected voxels
+    weight: torch.Tensor  # float: loss weight per voxel
+    noisy: torch.Tensor  # bool: the replicas agree with each other and disagree with the label
+    corrected: torch.Tensor  # bool: noisy and certain, so the consensus replaced the label
+    uncertainty: torch.Tensor  # float in [0, 1]: binary entropy of the averaged prediction, in bits
+    consensus: torch.Tensor  # bool: the averaged prediction > agreement threshold
+
+    def noise_score(self) -> float:
+        """Noisy voxels over label-or-consensus voxels: 0 for a label both replicas reproduce, 1 for one they
+        both contradict everywhere."""
+        union = int((self.label | self.consensus).sum())
+        return float(self.noisy.sum()) / union if union else 0.0
+
+
+def confidence_targets(p_point, p_box, label, *, agreement_threshold: float = 0.5,
+                       uncertainty_threshold: float = 0.5, uncertain_weight: float = 0.5,
+                       self_correction: bool = True) -> Confidence:
+    """CPCL's confidence map from the two replicas' probabilities and a (possibly noisy) binary label.
+
+    Noisy voxels: both replicas on the same side of ``agreement_threshold`` and the label on the other. A noisy
+    voxel whose averaged probability has entropy below ``uncertainty_threshold`` bits takes the consensus as
+    target (with ``self_correction``); the other noisy voxels keep the label at weight ``uncertain_weight``.
+    Without self-correction every noisy voxel is kept and down-weighted (the ablation "CPCL without
+    self-correction"). Arrays or tensors of one shape; returns tensors.
+    """
+    p_point, p_box = torch.as_tensor(p_point, dtype=torch.float32), torch.as_tensor(p_box, dtype=torch.float32)
+    label = torch.as_tensor(label).float() >= 0.5
+    point_says, box_says = p_point > agreement_threshold, p_box > agreement_threshold
+    mean = 0.5 * (p_point + p_box)
+    consensus = mean > agreement_threshold
+    agree = point_says == box_says
+    noisy = agree & (point_says != label)
+    clamped = mean.clamp(1e-6, 1 - 1e-6)
+    uncertainty = -(clamped * clamped.log() + (1 - clamped) * (1 - clamped).log()) / LN2
+    certain = uncertainty < uncertainty_threshold
+    corrected = noisy & certain if self_correction else torch.zeros_like(noisy)
+    target = torch.where(corrected, point_says, label).float()
+    weight = torch.ones_like(p_point)
+    weight[noisy & ~corrected] = uncertain_weight
+    return Confidence(label, target, weight, noisy, corrected, uncertainty, consensus)
+
+
+def cross_supervision_loss(logits: torch.Tensor, other_probability: torch.Tensor, confidence: float) -> torch.Tensor:
+    """Class-balanced BCE of one replica's logits (N, ...) against the other's confident hard predictions (0
+    where the other is nowhere confident). Object and background halves as in `segmentation_loss`."""
+    confident = torch.maximum(other_probability, 1 - other_probability) > confidence
+    pseudo = (other_probability > 0.5).float()
+    cross_entropy = F.binary_cross_entropy_with_logits(logits, pseudo, reduction="none") * confident
+    dims = tuple(range(1, logits.dim()))
+    on_object = (cross_entropy * pseudo).sum(dims) / (confident * pseudo).sum(dims).clamp_min(1)
+    on_background = (cross_entropy * (1 - pseudo)).sum(dims) / (confident * (1 - pseudo)).sum(dims).clamp_min(1)
+    return 0.5 * (on_object + on_background).mean()
+
+
+class CPCLStep(nn.Module):
+    """One CPCL training step on a batch: both replicas' sessions, confidence targets for low-tier crops in
+    stage 2, cross-supervision. One module so DistributedDataParallel can wrap it."""
+
+    def __init__(self, point_model: Sam3D, box_model: Sam3D, config):
+        super().__init__()
+        common = (config.clicks_per_sample, config.loss_resolution, config.iou_loss_weight, config.bce_weight)
+        self.point = InteractiveStep(point_model, *common)
+        self.box = InteractiveStep(box_model, *common)
+        self.config = config
+
+    def forward(self, images, targets, point_prompts: list[Prompt], box_prompts: list[Prompt],
+                low_tier: torch.Tensor, confident_learning: bool):
+        config = self.config
+        size = targets.shape[-1]
+        point_embeddings, box_embeddings = self.point.embed(images), self.box.embed(images)
+        point_opening = self.point.decode(point_embeddings, point_prompts, None)
+        box_opening = self.box.decode(box_embeddings, box_prompts, None)
+        point_logits = F.interpolate(point_opening[0], size=(size,) * 3, mode="trilinear", align_corners=False)
+        box_logits = F.interpolate(box_opening[0], size=(size,) * 3, mode="trilinear", align_corners=False)
+        point_probability = torch.sigmoid(point_logits.detach())[:, 0]
+        box_probability = torch.sigmoid(box_logits.detach())[:, 0]
+
+        used_targets, weights = targets.float(), torch.ones_like(targets, dtype=torch.float32)
+        cross = images.new_zeros(())
+        noise = {}
+        rows = torch.nonzero(low_tier).flatten()
+        if confident_learning and len(rows):
+            confidence = confidence_targets(
+                point_probability[rows], box_probability[rows], targets[rows],
+                agreement_threshold=config.cpcl_agreement_threshold,
+                uncertainty_threshold=config.cpcl_uncertainty_threshold,
+                uncertain_weight=config.cpcl_uncertain_weight, self_correction=config.cpcl_self_correction,
+            )
+            used_targets = used_targets.index_copy(0, rows, confidence.target)
+            weights = weights.index_copy(0, rows, confidence.weight)
+            cross = (cross_supervision_loss(point_logits[rows, 0], box_probability[rows], config.cpcl_cross_confidence)
+                     + cross_supervision_loss(box_logits[rows, 0], point_probability[rows],
+                                              config.cpcl_cross_confidence))
+            noise = {"noisy_voxels": confidence.noisy.flatten(1).sum(1).tolist(),
+                     "corrected_voxels": confidence.corrected.flatten(1).sum(1).tolist(),
+                     "union_voxels": (confidence.label | confidence.consensus).flatten(1).sum(1).tolist(),
+                     "rows": rows.tolist()}
+        point_loss, point_info = self.point.session(point_embeddings, used_targets, point_prompts, weights,
+                                                    point_opening)
+        box_loss, box_info = self.box.session(box_embeddings, used_targets, box_prompts, weights, box_opening)
+        total = point_loss + box_loss + config.cpcl_cross_weight * cross
+        return total, {"iteration_dice": point_info["iteration_dice"], "box_dice": box_info["iteration_dice"],
+                       "cross_loss": float(cross.detach()), "noise": noise}
+
+
+class CPCLTrainer(Trainer):
+    """The trainer with two replicas and CPCL's step; everything else (sampling, schedule, checkpoints and
+    resume, validation of the point replica, torchrun) is the plain trainer's."""
+
+    def _step_module(self) -> nn.Module:
+        config = self.config
+        if not any(case.tier == "high" for case in self.sampler.cases) and config.cpcl_warmup_epochs:
+            raise TrainingDataError("CPCL warms up on high-tier labels and this shard has none: label some cases "
+                                    "'high' or set cpcl_warmup_epochs to 0")
+        # A different initialisation (or, fine-tuning, the same weights seen through boxes): the replicas differ.
+        torch.manual_seed(config.seed + 1)
+        box_model = load_checkpoint(config.init_checkpoint) if config.init_checkpoint else build_model(
+            self.model.preset)
+        self.box_model = box_model.to(self.context.device).train()
+        self.noise_seen: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0])  # noisy, corrected, union voxels
+        return CPCLStep(self.model, self.box_model, config)
+
+    def _extra_checkpoint_state(self) -> dict:
+        return {"box_model_state_dict": {k: v.detach().cpu() for k, v in self.box_model.state_dict().items()}}
+
+    def _load_extra_checkpoint_state(self, record: dict) -> None:
+        if "box_model_state_dict" not in record:
+            raise TrainingDataError("checkpoint_last.pt is a plain training checkpoint: CPCL cannot continue it; "
+                                    "use another output_dir or resume=False")
+        self.box_model.load_state_dict(record["box_model_state_dict"])
+
+    def _on_epoch_start(self, epoch: int) -> None:
+        self.confident_learning = epoch >= self.config.cpcl_warmup_epochs
+        self.sampler.set_low_tier_weight(self.config.low_tier_weight if self.confident_learning else 0.0)
+
+    def _train_step(self, step_module) -> dict[str, float]:
+        config, sampler = self.config, self.sampler
+        samples = sampler.batch(config.batch_size)
+        device = self.context.device
+        images = torch.stack([s.image for s in samples]).to(device)
+        targets = torch.stack([s.target for s in samples]).to(device)
+        tiers = {case.id: case.tier for case in sampler.cases}
+        low_tier = torch.as_tensor([s.kind == "object" and tiers[s.case_id] == "low" for s in samples], device=device)
+        point_prompts, box_prompts = [], []
+        for sample in samples:
+            target = sample.target.numpy()
+            point_prompts.append(first_prompt(target, self.prompt_rng, 0.0, 0.0, sample.click_hint))
+            if sample.click_hint is None and target.any():
+                box_prompts.append(Prompt(box=jittered_box(target, self.prompt_rng)))
+            else:  # a hot spot: nothing to draw a box around, both replicas get the click
+                box_prompts.append(Prompt(list(point_prompts[-1].points), list(point_prompts[-1].labels)))
+        loss, info = step_module(images, targets, point_prompts, box_prompts, low_tier, self.confident_learning)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if config.grad_clip:
+            torch.nn.utils.clip_grad_norm_(
+                [p for group in self.optimizer.param_groups for p in group["params"]], config.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        noise = info["noise"]
+        for position, row in enumerate(noise.get("rows", [])):
+            seen = self.noise_seen[samples[row].case_id]
+            for index, key in enumerate(("noisy_voxels", "corrected_voxels", "union_voxels")):
+                seen[index] += int(noise[key][position])
+        return {"loss": float(loss.detach()) / (2 * config.clicks_per_sample),
+                "dice_first": info["iteration_dice"][0], "dice_last": info["iteration_dice"][-1]}
+
+    def _after_training(self) -> None:
+        save_checkpoint(self.box_model, self.output_dir / MODEL_BOX, training={"role": "cpcl box replica"})
+        low = [case for case in self.sampler.cases if case.tier == "low"]
+        if low:
+            report = noise_report(self.model, self.box_model, low, self.config, self.output_dir / CORRECTED_DIR)
+            (self.output_dir / NOISE_REPORT).write_text(json.dumps(report, indent=1))
+
+    def _extra_stats(self) -> dict:
+        seen = {case: {"noisy_voxels": n, "corrected_voxels": c, "union_voxels": u,
+                       "training_noise_score": round(n / u, 4) if u else 0.0}
+                for case, (n, c, u) in self.noise_seen.items()}
+        record = {"method": "cpcl", "stage": 2 if getattr(self, "confident_learning", False) else 1,
+                  "low_tier_crops_seen": seen}
+        report_path = self.output_dir / NOISE_REPORT
+        if report_path.exists():
+            report = json.loads(report_path.read_text())
+            record["suspicious_labels"] = [{k: case[k] for k in ("id", "noise_score", "corrected_voxels")}
+                                           for case in report["cases"]]
+        return {"cpcl": record}
+
+
+def noise_report(point_model: Sam3D, box_model: Sam3D, cases: list[TrainingCase], config,
+                 corrected_dir: Path | None = None) -> dict:
+    """Both replicas on every object of each case's label: per-case noise scores (ranked, highest first), the
+    worst objects' locations, and corrected labels (written to ``corrected_dir/<id>.nii.gz`` when given).
+
+    Each object (a lesion component or a whole class) is prompted once per replica, with a click at its
+    centre (point replica) and its bounding box (box replica), in one window each. Voxels of other objects of
+    the label are left to those objects. Objects the label misses entirely are not looked for here (the
+    active-learning scoring does that).
+    """
+    point, box = Predictor(point_model, max_windows=1, cache_size=2), Predictor(box_model, max_windows=1, cache_size=2)
+    thresholds = {"agreement_threshold": config.cpcl_agreement_threshold,
+                  "uncertainty_threshold": config.cpcl_uncertainty_threshold,
+                  "uncertain_weight": config.cpcl_uncertain_weight, "self_correction": config.cpcl_self_correction}
+    results = []
+    for case in cases:
+        volume = case.volume
+        values = {obj.instance: config.label_names[obj.class_name] for obj in case.objects}
+        corrected = np.zeros(volume.shape, dtype=np.uint8)
+        for instance, value in values.items():
+            corrected[case.instances == instance] = value
+        point_session = point.set_volume(volume, f"cpcl:{case.id}")
+        box_session = box.set_volume(volume, f"cpcl:{case.id}")
+        objects, noisy_total, union_total, corrected_total = [], 0, 0, 0
+        for obj in case.objects:
+            click = centre_click(case.instances[obj.box] == obj.instance, volume.spacing)
+            click = [int(c + s.start) for c, s in zip(click, obj.box, strict=True)]
+            corners = ([s.start for s in obj.box], [s.stop - 1 for s in obj.box])
+            placed = [paste_logits(prediction.low_res_logits[0, 0], prediction.geometry, volume.affine, volume.shape)
+                      for prediction in (point_session.predict(foreground=[click]), box_session.predict(box=corners))]
+            region = _region([obj.box] + [item[0] for item in placed if item is not None], volume.shape, pad=2)
+            maps = [_probability_in(region, item) for item in placed]
+            here = case.instances[region]
+            label = here == obj.instance
+            others = (here > 0) & ~label  # left to their own objects
+            confidence = confidence_targets(maps[0], maps[1], label, **thresholds)
+            noisy = confidence.noisy.numpy() & ~others
+            fixed = confidence.corrected.numpy() & ~others
+            union = (label | confidence.consensus.numpy()) & ~others
+            corrected[region][fixed] = np.where(confidence.target.numpy()[fixed] > 0, values[obj.instance], 0)
+            noisy_total += int(noisy.sum())
+            union_total += int(union.sum())
+            corrected_total += int(fixed.sum())
+            objects.append({"instance": obj.instance, "class": obj.class_name, "voxel": click,
+                            "voxels": int(label.sum()), "noisy_voxels": int(noisy.sum()),
+                            "noise_score": round(int(noisy.sum()) / max(int(union.sum()), 1), 4),
+                            "replica_dice": round(_dice(maps[0] > 0.5, maps[1] > 0.5), 4)})
+        if corrected_dir is not None:
+            corrected_dir.mkdir(parents=True, exist_ok=True)
+            save_nifti(corrected, volume.affine, corrected_dir / f"{case.id}.nii.gz")
+        objects.sort(key=lambda o: o["noise_score"], reverse=True)
+        results.append({"id": case.id, "noise_score": round(noisy_total / union_total, 4) if union_total else 0.0,
+                        "noisy_voxels": noisy_total, "corrected_voxels": corrected_total,
+                        "corrected_label": str(corrected_dir / f"{case.id}.nii.gz") if corrected_dir else None,
+                        "worst_objects": objects[:5]})
+        point.clear_cache()
+        box.clear_cache()
+    results.sort(key=lambda r: r["noise_score"], reverse=True)
+    return {"cases": results}
+
+
+def _probability_in(region: tuple[slice, ...], placed) -> np.ndarray:
+    """A replica's probability on ``region`` from its pasted logits block (0 where the block does not reach)."""
+    probability = np.zeros([s.stop - s.start for s in region], dtype=np.float32)
+    if placed is not None:
+        block_box, block = placed
+        local = tuple(slice(b.start - r.start, b.stop - r.start) for b, r in zip(block_box, region, strict=True))
+        probability[local] = 1 / (1 + np.exp(-np.asarray(block)))
+    return probability
+
+
+def _region(boxes, shape, pad: int = 0) -> tuple[slice, ...]:
+    """The smallest box holding all ``boxes`` (tuples of slices), padded and clipped to ``shape``."""
+    starts = [max(min(b[a].start for b in boxes) - pad, 0) for a in range(3)]
+    stops = [min(max(b[a].stop for b in boxes) + pad, shape[a]) for a in range(3)]
+    return tuple(slice(lo, hi) for lo, hi in zip(starts, stops, strict=True))
+
+
+def _dice(a: np.ndarray, b: np.ndarray) -> float:
+    total = int(a.sum()) + int(b.sum())
+    return 1.0 if total == 0 else 2.0 * int((a & b).sum()) / total
