@@ -52,11 +52,13 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def running_server(studies: Path, conf: list[tuple[str, object]], log_dir: Path) -> Iterator[str]:
-    """A real MONAI Label server subprocess on 127.0.0.1 serving ``studies``; yields its URL."""
+def running_server(studies: Path, conf: list[tuple[str, object]], log_dir: Path,
+                   auto_reload: bool = False) -> Iterator[str]:
+    """A real MONAI Label server subprocess on 127.0.0.1 serving ``studies``; yields its URL. ``auto_reload``:
+    the datastore follows changes other processes make on disk (MONAI Label's default; off unless needed)."""
     port = free_port()
     log_path = log_dir / "server.log"
-    env = dict(server_environment(), MONAI_LABEL_DATASTORE_AUTO_RELOAD="false")
+    env = dict(server_environment(), MONAI_LABEL_DATASTORE_AUTO_RELOAD=str(auto_reload).lower())
     with open(log_path, "w") as log:
         process = subprocess.Popen(server_command(studies, port=port, conf=conf), stdout=log,
                                    stderr=subprocess.STDOUT, env=env)

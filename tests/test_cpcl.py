@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from segany_pet.model import build_model, load_checkpoint
-from segany_pet.phantom import inject_label_noise
 from segany_pet.pet import save_nifti
+from segany_pet.phantom import inject_label_noise
 from segany_pet.train import (
     CHECKPOINT_LAST,
     MODEL_BEST,

@@ -36,7 +36,9 @@ def datastore(cohort, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def train_server(datastore, random_checkpoint, tmp_path_factory) -> str:
-    with running_server(datastore, [("model", random_checkpoint)], tmp_path_factory.mktemp("train_server")) as url:
+    """Auto-reloading, as MONAI Label is by default: the training subprocess writes labels to the datastore."""
+    log_dir = tmp_path_factory.mktemp("train_server")
+    with running_server(datastore, [("model", random_checkpoint)], log_dir, auto_reload=True) as url:
         yield url
 
 
@@ -86,14 +88,22 @@ def test_requests_are_checked_before_a_job_starts(train_server):
     assert requests.get(f"{train_server}/info/", timeout=10).status_code == 200
 
 
-def test_training_on_saved_labels_reports_progress_and_publishes_the_model(train_server, cohort, datastore):
+@pytest.fixture(scope="module")
+def labelled(train_server, cohort, datastore) -> list[str]:
+    """The datastore's images with lesion labels saved through the server: two expert, one noisy tier."""
     client = MONAILabelClient(train_server)
-    for index, image in enumerate(sorted(p.name[: -len(".nii.gz")] for p in datastore.glob("*.nii.gz"))):
+    images = sorted(p.name[: -len(".nii.gz")] for p in datastore.glob("*.nii.gz"))
+    for index, image in enumerate(images):
         lesions = nib.load(cohort / "truth" / f"{image}_lesions.nii.gz")
         label = datastore.parent / f"{image}_label.nii.gz"
         nib.save(nib.Nifti1Image((np.asarray(lesions.dataobj) > 0).astype(np.uint8), lesions.affine), label)
         client.save_label(image, str(label), params={"quality": "low" if index == 2 else "high"})
+    return images
 
+
+def test_training_on_saved_labels_reports_progress_and_publishes_the_model(train_server, datastore, labelled):
+    client = MONAILabelClient(train_server)
+    image = labelled[-1]
     before = click(train_server, image, "anna")
     assert before.status_code == 200 and before.json()["model"] == "random_small.pt"
 
@@ -117,7 +127,7 @@ def test_training_on_saved_labels_reports_progress_and_publishes_the_model(train
     assert served["file"] == str(published) and served["state"] == "ready"
 
 
-def test_delete_stops_a_job_cleanly_and_the_next_post_continues_it(train_server, datastore):
+def test_delete_stops_a_job_cleanly_and_the_next_post_continues_it(train_server, datastore, labelled):
     long_run = {**FEW_STEPS, "epochs": 40, "val_cases": 0}
     assert start(train_server, long_run).status_code == 200
     wait_for(lambda: any("progress:" in line for line in current_job(train_server).get("details", [])), what="progress")
@@ -137,3 +147,34 @@ def test_delete_stops_a_job_cleanly_and_the_next_post_continues_it(train_server,
     resumed = next(line for line in current_job(train_server)["details"] if "resuming from" in line)
     assert f"step {stopped_step}" in resumed
     assert requests.delete(f"{train_server}/train/", timeout=90).json()["status"] == "STOPPED"
+
+
+def test_cpcl_over_rest_saves_corrected_labels_beside_the_annotators(train_server, datastore, labelled):
+    labels_before = {p.name: p.read_bytes() for p in (datastore / "labels" / "final").iterdir()}
+    bad = requests.post(f"{train_server}/train/{MODEL}", json={"cpcl_cross_weight": 1.0}, timeout=30)
+    assert bad.status_code == 422 and "cpcl_cross_weight" in bad.json()["detail"]  # a CPCL option, plain task
+
+    response = requests.post(f"{train_server}/train/{MODEL}_cpcl", json={**FEW_STEPS, "cpcl_warmup_epochs": 1},
+                             timeout=30)
+    assert response.status_code == 200, response.text
+    job = wait_for(lambda: job_finished(train_server), what="the CPCL job")
+    assert job["status"] == "DONE", job["details"]
+
+    stats = MONAILabelClient(train_server).info()["train_stats"][f"{MODEL}_cpcl"]
+    suspicious = stats["cpcl"]["suspicious_labels"]
+
+    def corrected_labels_listed():
+        objects = MONAILabelClient(train_server).datastore()["objects"]
+        return objects if any("cpcl_corrected" in record["labels"] for record in objects.values()) else None
+
+    objects = wait_for(corrected_labels_listed, timeout=30, what="the server to list the corrected labels")
+    low_tier = [image for image, record in objects.items()
+                if record["labels"].get("final", {}).get("info", {}).get("quality") == "low"]
+    assert [entry["id"] for entry in suspicious] == low_tier
+    for image, entry in zip(low_tier, suspicious, strict=True):
+        corrected = objects[image]["labels"]["cpcl_corrected"]
+        assert corrected["info"]["noise_score"] == entry["noise_score"] and corrected["info"]["noise_rank"] >= 1
+        saved = nib.load(next((datastore / "labels" / "cpcl_corrected").glob(f"{image}.nii*")))
+        assert saved.shape == nib.load(datastore / f"{image}.nii.gz").shape
+    labels_after = {p.name: p.read_bytes() for p in (datastore / "labels" / "final").iterdir()}
+    assert labels_after == labels_before  # the annotators' labels are untouched

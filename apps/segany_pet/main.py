@@ -82,7 +82,11 @@ class SegAnyPETApp(MONAILabelApp):
         }
 
     def init_trainers(self):
-        return {PROMPTABLE: PromptableTrainTask(PROMPTABLE, self.served_model, self.state_dir)}
+        return {
+            PROMPTABLE: PromptableTrainTask(PROMPTABLE, self.served_model, self.state_dir),
+            f"{PROMPTABLE}_cpcl": PromptableTrainTask(f"{PROMPTABLE}_cpcl", self.served_model, self.state_dir,
+                                                      method="cpcl"),
+        }
 
     def init_strategies(self):
         return {"random": Random(), "first": First()}

@@ -103,13 +103,10 @@ def check_and_stop_training(app: FastAPI, trainers: dict, datastore, stop_grace_
     from monailabel.endpoints import train as train_endpoint
     from monailabel.utils.async_tasks import utils as async_tasks
 
-    from segany_pet.train import records_from_datastore
-
     def run_model(model, params, run_sync, enqueue, user):
         task = trainers.get(model)
         if task is not None:
-            task.training_config({**(params or {}), "model": model})
-            records_from_datastore(datastore)
+            task.check_request({**(params or {}), "model": model}, datastore)
             task.clear_stop_request()
         return train_endpoint.run_model(model, params, run_sync, enqueue)
 

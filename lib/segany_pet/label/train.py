@@ -12,6 +12,11 @@ and to ask a running job to stop (``request_stop``). Files, under ``state_dir``:
 A job that finished is published; a stopped one is not, and the next ``POST /train/<name>`` continues it
 (``restart: true`` starts anew). A new job starts from the served weights: fine-tuning, not training from
 scratch, unless ``init: "random"``.
+
+With ``method: "cpcl"`` (the app's ``segany_pet_cpcl`` task) the job is Cross-Prompt Confidence Learning:
+when it finishes, every low-tier label's corrected version is saved in the datastore under the label tag
+``cpcl_corrected`` (the annotator's ``final`` label is never touched), with its noise score in the label's
+info, and the ranked list of suspicious labels is in the stats.
 """
 
 from __future__ import annotations
@@ -29,7 +34,8 @@ from monailabel.interfaces.tasks.train import TrainTask
 
 from segany_pet.errors import UserInputError
 from segany_pet.label.models import ServedModel
-from segany_pet.train import MODEL_BEST, TrainConfig, Trainer, records_from_datastore
+from segany_pet.train import MODEL_BEST, TrainConfig, make_trainer, records_from_datastore
+from segany_pet.train.cpcl import MODEL_BOX, NOISE_REPORT
 from segany_pet.train.trainer import CHECKPOINT_LAST, STOP_FILE, TRAIN_STATS
 
 logger = logging.getLogger(__name__)
@@ -42,7 +48,14 @@ SERVER_KEYS = frozenset({"model", "gpus", "local_rank", "device", "multi_gpu"})
 REQUEST_FIELDS = {
     "epochs": int, "iterations_per_epoch": int, "batch_size": int, "lr": float, "warmup_iterations": int,
     "clicks_per_sample": int, "val_cases": int, "val_clicks": int, "low_tier_weight": float, "seed": int,
-    "threads": int,
+    "threads": int, "cpcl_warmup_epochs": int, "cpcl_agreement_threshold": float,
+    "cpcl_uncertainty_threshold": float, "cpcl_uncertain_weight": float, "cpcl_cross_weight": float,
+    "cpcl_cross_confidence": float,
+}
+CORRECTED_TAG = "cpcl_corrected"
+DESCRIPTIONS = {
+    "plain": "Interactive 3D SAM training on the datastore's labels (fine-tunes the served model)",
+    "cpcl": "Cross-Prompt Confidence Learning on expert and noisy labels: a better model and the suspicious labels",
 }
 INITS = ("served", "random")
 
@@ -50,9 +63,11 @@ INITS = ("served", "random")
 class PromptableTrainTask(TrainTask):
     """Trains the promptable model on every image with a ``final`` label (tier from the label's ``quality``)."""
 
-    def __init__(self, name: str, served: ServedModel, state_dir: str | os.PathLike, defaults: dict | None = None):
-        super().__init__("Interactive 3D SAM training on the datastore's labels (fine-tunes the served model)")
+    def __init__(self, name: str, served: ServedModel, state_dir: str | os.PathLike, defaults: dict | None = None,
+                 method: str = "plain"):
+        super().__init__(DESCRIPTIONS[method])
         self.name = name
+        self.method = method
         self.served = served
         self.output_dir = Path(state_dir) / "train" / name
         # Cheap defaults for a 2-core server that keeps serving: one torch thread leaves a core to annotators.
@@ -60,7 +75,7 @@ class PromptableTrainTask(TrainTask):
                          "val_cases": 1, "threads": 1, **(defaults or {})}
 
     def config(self) -> dict:
-        return {**self.defaults, "init": INITS[0], "restart": False}
+        return {**self.defaults, "method": self.method, "init": INITS[0], "restart": False}
 
     # ------------------------------------------------------------------------------------------------------
     # Requests
@@ -68,6 +83,8 @@ class PromptableTrainTask(TrainTask):
     def training_config(self, request: dict) -> tuple[TrainConfig, bool]:
         """The TrainConfig a request asks for and whether it asks for a fresh start; UserInputError if invalid."""
         unknown = sorted(set(request) - SERVER_KEYS - set(REQUEST_FIELDS) - {"init", "restart"})
+        if self.method != "cpcl":
+            unknown += sorted(key for key in set(request) & set(REQUEST_FIELDS) if key.startswith("cpcl_"))
         if unknown:
             raise UserInputError(
                 f"unknown training option(s) {', '.join(unknown)}; the options are {', '.join(REQUEST_FIELDS)}, "
@@ -86,31 +103,54 @@ class PromptableTrainTask(TrainTask):
         try:
             config = TrainConfig.from_dict({
                 **options, "output_dir": str(self.output_dir), "init_checkpoint": str(start) if start else None,
-                "progress_bar": False,
+                "progress_bar": False, "method": self.method,
             })
         except (TypeError, ValueError) as exc:
             raise UserInputError(f"invalid training options: {exc}") from exc
         return config, restart
 
-    def __call__(self, request: dict, datastore) -> dict:
+    def check_request(self, request: dict, datastore) -> tuple[TrainConfig, bool, list[dict]]:
+        """`training_config` plus the datastore's records, checked for what the method needs."""
         config, restart = self.training_config(request)
         records = records_from_datastore(datastore)
+        if config.method == "cpcl" and config.cpcl_warmup_epochs and not any(r["tier"] == "high" for r in records):
+            raise UserInputError(
+                "CPCL warms up on expert labels and every label here is low-tier: save some labels with "
+                "quality 'high', or set cpcl_warmup_epochs to 0"
+            )
+        return config, restart, records
+
+    def __call__(self, request: dict, datastore) -> dict:
+        config, restart, records = self.check_request(request, datastore)
         self.output_dir.mkdir(parents=True, exist_ok=True)
         if restart or self._last_job_finished():
             self._clear_job()
         logger.info("training %s on %d labeled images (%s)", self.name, len(records),
                     ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(config).items() if k in REQUEST_FIELDS))
-        stats = Trainer(config, records, on_progress=ProgressWriter(self.output_dir / PROGRESS)).run()
+        stats = make_trainer(config, records, on_progress=ProgressWriter(self.output_dir / PROGRESS)).run()
         if stats.get("status") == "finished":
             self.publish()
+            if self.method == "cpcl":
+                self.save_corrected_labels(datastore)
         return {key: stats.get(key) for key in ("status", "epoch", "step", "best_metric", "best_metric_epoch")}
+
+    def save_corrected_labels(self, datastore) -> int:
+        """Each low-tier label's CPCL-corrected version as the image's ``cpcl_corrected`` label."""
+        report = read_json(self.output_dir / NOISE_REPORT) or {"cases": []}
+        for rank, case in enumerate(report["cases"], start=1):
+            info = {"noise_score": case["noise_score"], "noisy_voxels": case["noisy_voxels"],
+                    "corrected_voxels": case["corrected_voxels"], "noise_rank": rank,
+                    "worst_objects": case["worst_objects"], "source": f"CPCL job in {self.output_dir}"}
+            datastore.save_label(case["id"], case["corrected_label"], CORRECTED_TAG, info)
+        logger.info("saved %d CPCL-corrected labels as %r", len(report["cases"]), CORRECTED_TAG)
+        return len(report["cases"])
 
     def _last_job_finished(self) -> bool:
         stats = read_json(self.output_dir / TRAIN_STATS)
         return bool(stats) and stats.get("status") == "finished"
 
     def _clear_job(self) -> None:
-        for name in (CHECKPOINT_LAST, MODEL_BEST, TRAIN_STATS, PROGRESS):
+        for name in (CHECKPOINT_LAST, MODEL_BEST, TRAIN_STATS, PROGRESS, NOISE_REPORT, MODEL_BOX):
             (self.output_dir / name).unlink(missing_ok=True)
 
     def publish(self) -> Path:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import time
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +37,7 @@ from segany_pet.model import Sam3D, build_model, load_checkpoint, save_checkpoin
 from segany_pet.pet import save_nifti
 from segany_pet.predictor import Predictor, paste_logits
 from segany_pet.prompts import centre_click
-from segany_pet.train.data import TrainingCase, TrainingDataError
+from segany_pet.train.data import TrainingCase, TrainingDataError, load_cases
 from segany_pet.train.simulate import InteractiveStep, Prompt, first_prompt, jittered_box
 from segany_pet.train.trainer import Trainer
 
@@ -173,6 +174,7 @@ class CPCLTrainer(Trainer):
             self.model.preset)
         self.box_model = box_model.to(self.context.device).train()
         self.noise_seen: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0])  # noisy, corrected, union voxels
+        self.started_at = time.time()  # a noise report older than this is a previous job's
         return CPCLStep(self.model, self.box_model, config)
 
     def _extra_checkpoint_state(self) -> dict:
@@ -222,9 +224,12 @@ class CPCLTrainer(Trainer):
 
     def _after_training(self) -> None:
         save_checkpoint(self.box_model, self.output_dir / MODEL_BOX, training={"role": "cpcl box replica"})
-        low = [case for case in self.sampler.cases if case.tier == "low"]
+        # Every low-tier label: this rank's shard, the other ranks' and the validation cases alike.
+        config = self.config
+        low = [record for record in self.records if record.get("tier") == "low"]
         if low:
-            report = noise_report(self.model, self.box_model, low, self.config, self.output_dir / CORRECTED_DIR)
+            cases = load_cases(low, config.label_names, config.split_classes)
+            report = noise_report(self.model, self.box_model, cases, config, self.output_dir / CORRECTED_DIR)
             (self.output_dir / NOISE_REPORT).write_text(json.dumps(report, indent=1))
 
     def _extra_stats(self) -> dict:
@@ -234,7 +239,7 @@ class CPCLTrainer(Trainer):
         record = {"method": "cpcl", "stage": 2 if getattr(self, "confident_learning", False) else 1,
                   "low_tier_crops_seen": seen}
         report_path = self.output_dir / NOISE_REPORT
-        if report_path.exists():
+        if report_path.exists() and report_path.stat().st_mtime >= self.started_at:
             report = json.loads(report_path.read_text())
             record["suspicious_labels"] = [{k: case[k] for k in ("id", "noise_score", "corrected_voxels")}
                                            for case in report["cases"]]
