@@ -5,8 +5,11 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
 import socket
 import subprocess
+import sys
+import textwrap
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,6 +27,8 @@ from segany_pet.model import Preset
 TINY = Preset(name="tiny", crop_size=32, spacing_mm=6.0, normalisation="log_suv", patch_size=8,
               encoder_dim=32, encoder_depth=2, encoder_heads=2, global_attn_indexes=(), window_size=0,
               prompt_dim=48, decoder_mlp_dim=64, iou_head_hidden=32)
+
+REPO = Path(__file__).resolve().parents[1]
 
 # Files a careless export puts in a studies folder; each must get a 4xx, not a crash.
 BAD_IMAGES = ("corrupt_file", "dynamic_4d", "nan_filled", "raw_bq_per_ml")
@@ -84,3 +89,42 @@ def running_server(studies: Path, conf: list[tuple[str, object]], log_dir: Path,
             process.wait(timeout=20)
         except subprocess.TimeoutExpired:
             process.kill()
+
+
+TORCHRUN_WORKER = textwrap.dedent(
+    """
+    import hashlib, json, os, sys
+    from segany_pet.train import make_trainer
+
+    job = json.load(open(sys.argv[1]))
+    trainer = make_trainer(job["config"], job["records"])
+    trainer.run()
+
+    def digest(model):
+        value = hashlib.sha256()
+        for key, tensor in sorted(model.state_dict().items()):
+            value.update(key.encode())
+            value.update(tensor.detach().cpu().numpy().tobytes())
+        return value.hexdigest()
+
+    result = {"weights": digest(trainer.model), "drawn": dict(trainer.sampler.drawn)}
+    if hasattr(trainer, "box_model"):
+        result["box_weights"] = digest(trainer.box_model)
+    with open(os.path.join(job["out"], f"rank{os.environ['RANK']}.json"), "w") as f:
+        json.dump(result, f)
+    """
+)
+
+
+def train_under_torchrun(folder: Path, config, records: list[dict]) -> list[dict]:
+    """Train with 2 CPU processes under torchrun; each rank's weight digests and crops drawn per case."""
+    (folder / "worker.py").write_text(TORCHRUN_WORKER)
+    job = {"config": config.to_dict(), "records": records, "out": str(folder)}
+    (folder / "job.json").write_text(json.dumps(job))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "lib")}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
+               "--master_addr=127.0.0.1", f"--master_port={free_port()}", str(folder / "worker.py"),
+               str(folder / "job.json")]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return [json.loads((folder / f"rank{rank}.json").read_text()) for rank in (0, 1)]

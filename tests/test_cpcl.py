@@ -29,7 +29,7 @@ from segany_pet.train import (
 )
 from segany_pet.train.cpcl import CORRECTED_DIR, MODEL_BOX, NOISE_REPORT, CPCLStep, CPCLTrainer, cross_supervision_loss
 from segany_pet.train.simulate import first_prompt, jittered_box
-from support import TINY
+from support import TINY, train_under_torchrun
 
 # Six voxels, one per situation: (point replica, box replica, label)
 CASES = {
@@ -201,3 +201,11 @@ def test_cpcl_needs_expert_labels_to_warm_up(tiered, tmp_path):
     # without warm-up it runs on low-tier labels alone
     assert make_trainer(cpcl_config(tmp_path / "no_warmup", cpcl_warmup_epochs=0, epochs=1), all_low).run()[
         "status"] == "finished"
+
+
+def test_cpcl_under_torchrun_keeps_both_replicas_identical_across_ranks(tiered, tmp_path):
+    config = cpcl_config(tmp_path / "run", epochs=1, iterations_per_epoch=2, threads=1, cpcl_warmup_epochs=0)
+    ranks = train_under_torchrun(tmp_path, config, tiered)
+    assert ranks[0]["weights"] == ranks[1]["weights"] and ranks[0]["box_weights"] == ranks[1]["box_weights"]
+    assert ranks[0]["weights"] != ranks[0]["box_weights"]
+    assert set(ranks[0]["drawn"]).isdisjoint(ranks[1]["drawn"])

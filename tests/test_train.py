@@ -8,10 +8,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import os
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import nibabel as nib
@@ -41,7 +37,7 @@ from segany_pet.train import (
     split_records,
 )
 from segany_pet.train.simulate import add_corrective_click, interior_click, jittered_box
-from support import TINY, free_port
+from support import TINY, train_under_torchrun
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -386,36 +382,9 @@ def test_one_step_of_the_published_architecture(tmp_path, records):
 # ----------------------------------------------------------------------------------------------
 # Distributed
 
-WORKER = textwrap.dedent(
-    """
-    import hashlib, json, os, sys
-    from segany_pet.train import TrainConfig, Trainer, records_from_folder
-
-    job = json.load(open(sys.argv[1]))
-    trainer = Trainer(TrainConfig.from_dict(job["config"]), records_from_folder(job["images"], job["labels"]))
-    trainer.run()
-    digest = hashlib.sha256()
-    for key, value in sorted(trainer.model.state_dict().items()):
-        digest.update(key.encode())
-        digest.update(value.detach().cpu().numpy().tobytes())
-    with open(os.path.join(job["out"], f"rank{os.environ['RANK']}.json"), "w") as f:
-        json.dump({"weights": digest.hexdigest(), "drawn": dict(trainer.sampler.drawn)}, f)
-    """
-)
-
-
 def test_two_processes_under_torchrun_train_one_model_on_disjoint_shards(tmp_path, cohort):
-    (tmp_path / "worker.py").write_text(WORKER)
-    job = {"config": config(tmp_path / "run", epochs=1, iterations_per_epoch=3, threads=1).to_dict(),
-           "images": str(cohort / "images"), "labels": str(cohort / "labels"), "out": str(tmp_path)}
-    (tmp_path / "job.json").write_text(json.dumps(job))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "lib")}
-    command = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
-               "--master_addr=127.0.0.1", f"--master_port={free_port()}", str(tmp_path / "worker.py"),
-               str(tmp_path / "job.json")]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr[-4000:]
-    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    run_config = config(tmp_path / "run", epochs=1, iterations_per_epoch=3, threads=1)
+    ranks = train_under_torchrun(tmp_path, run_config, records_from_folder(cohort / "images", cohort / "labels"))
     assert ranks[0]["weights"] == ranks[1]["weights"]
     assert set(ranks[0]["drawn"]).isdisjoint(ranks[1]["drawn"])
     assert sum(ranks[0]["drawn"].values()) == sum(ranks[1]["drawn"].values()) == 3 * 2

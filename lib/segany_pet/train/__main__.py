@@ -2,8 +2,10 @@
 
     python -m segany_pet.train --images DIR --labels DIR --out DIR [--config train.json] [--epochs N] ...
     torchrun --nproc_per_node=2 -m segany_pet.train --images DIR --labels DIR --out DIR ...
+    python -m segany_pet.train ... --method cpcl --tiers tiers.json      # CPCL on expert and noisy labels
 
-``--config`` is a JSON object of TrainConfig fields; the flags override it.
+``--config`` is a JSON object of TrainConfig fields; the flags override it. ``--tiers`` is a JSON object
+{case id: "high" | "low"} (cases it leaves out are "high").
 """
 
 from __future__ import annotations
@@ -13,8 +15,7 @@ import json
 import logging
 import sys
 
-from segany_pet.train.data import records_from_folder
-from segany_pet.train.trainer import TrainConfig, Trainer
+from segany_pet.train import TrainConfig, make_trainer, records_from_folder
 
 FLAGS = {  # flag -> (TrainConfig field, type)
     "--epochs": ("epochs", int),
@@ -25,6 +26,7 @@ FLAGS = {  # flag -> (TrainConfig field, type)
     "--init-checkpoint": ("init_checkpoint", str),
     "--val-cases": ("val_cases", int),
     "--seed": ("seed", int),
+    "--method": ("method", str),
     "--threads": ("threads", int),
 }
 
@@ -35,6 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--labels", required=True, help="folder of labels <id>.nii.gz on the images' grids")
     parser.add_argument("--out", required=True, help="output folder (checkpoints, train_stats.json)")
     parser.add_argument("--config", help="JSON file of TrainConfig fields")
+    parser.add_argument("--tiers", help="JSON file {case id: 'high' or 'low'} (label quality; default high)")
     for flag, (name, kind) in FLAGS.items():
         parser.add_argument(flag, type=kind, dest=name)
     args = parser.parse_args(argv)
@@ -42,7 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     options = json.loads(open(args.config).read()) if args.config else {}
     options.update({name: getattr(args, name) for name, _ in FLAGS.values() if getattr(args, name) is not None})
     options["output_dir"] = args.out
-    stats = Trainer(TrainConfig.from_dict(options), records_from_folder(args.images, args.labels)).run()
+    tiers = json.loads(open(args.tiers).read()) if args.tiers else None
+    stats = make_trainer(TrainConfig.from_dict(options), records_from_folder(args.images, args.labels, tiers)).run()
     if stats:
         print(json.dumps({k: stats[k] for k in ("status", "epoch", "step", "best_metric") if k in stats}))
     return 0

@@ -429,7 +429,9 @@ class Trainer:
             train_records, val_records = self.records, self.val_records
         else:
             train_records, val_records = split_records(self.records, config.val_cases, config.seed)
-        shard = sorted(train_records, key=lambda r: str(r["id"]))[context.rank :: context.world_size]
+        # Tiers spread evenly over the ranks (CPCL's warm-up needs expert labels on every rank).
+        ordered = sorted(train_records, key=lambda r: (r.get("tier", "high") != "high", str(r["id"])))
+        shard = ordered[context.rank :: context.world_size]
         if not shard:
             raise TrainingDataError(
                 f"{len(train_records)} training records cannot give each of {context.world_size} processes a case"
