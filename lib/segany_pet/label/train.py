@@ -82,13 +82,12 @@ class PromptableTrainTask(TrainTask):
 
     def training_config(self, request: dict) -> tuple[TrainConfig, bool]:
         """The TrainConfig a request asks for and whether it asks for a fresh start; UserInputError if invalid."""
-        unknown = sorted(set(request) - SERVER_KEYS - set(REQUEST_FIELDS) - {"init", "restart"})
-        if self.method != "cpcl":
-            unknown += sorted(key for key in set(request) & set(REQUEST_FIELDS) if key.startswith("cpcl_"))
+        fields = [key for key in REQUEST_FIELDS if self.method == "cpcl" or not key.startswith("cpcl_")]
+        unknown = sorted(set(request) - SERVER_KEYS - set(fields) - {"init", "restart"})
         if unknown:
             raise UserInputError(
-                f"unknown training option(s) {', '.join(unknown)}; the options are {', '.join(REQUEST_FIELDS)}, "
-                "init and restart"
+                f"unknown training option(s) {', '.join(unknown)} for {self.name}; the options are "
+                f"{', '.join(fields)}, init and restart"
             )
         init = request.get("init", INITS[0])
         if init not in INITS:
