@@ -5,13 +5,13 @@ import os
 from pathlib import Path
 
 from monailabel.config import settings
-from monailabel.datastore.local import LocalDatastore
 from monailabel.interfaces.app import MONAILabelApp
 from monailabel.tasks.activelearning.first import First
 from monailabel.tasks.activelearning.random import Random
 
 import segany_pet
 from segany_pet.errors import UnknownImageError
+from segany_pet.label.datastore import PETDatastore
 from segany_pet.label.infer import LESION_LABELS, AnnotationSessions, PromptableSegmentationInfer, SUVThresholdInfer
 from segany_pet.label.models import ServedModel
 from segany_pet.label.train import PromptableTrainTask
@@ -63,8 +63,9 @@ class SegAnyPETApp(MONAILabelApp):
     def init_datastore(self):
         if self.studies.startswith(("http://", "https://")):
             return super().init_datastore()
-        # Only NIfTI: MONAI Label's default list (PNG, SVS, ...) would show files no task can read.
-        return LocalDatastore(
+        # Only NIfTI: MONAI Label's default list (PNG, SVS, ...) would show files no task can read. Writes from
+        # the server and its training subprocesses must not overwrite each other: PETDatastore.
+        return PETDatastore(
             self.studies,
             extensions=("*.nii.gz", "*.nii"),
             auto_reload=settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD,
