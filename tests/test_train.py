@@ -285,7 +285,7 @@ def test_a_few_steps_overfit_a_fixed_batch(cases):
 
 def test_training_writes_stats_best_model_and_reports_progress(tmp_path, records):
     reports = []
-    cfg = config(tmp_path, epochs=1, iterations_per_epoch=2, val_cases=1, val_clicks=2, val_max_lesions=2,
+    cfg = config(tmp_path, epochs=1, iterations_per_epoch=2, val_cases=1, val_clicks=5, val_max_lesions=2,
                  val_max_windows=1, neighbours_per_crop=2)
     stats = Trainer(cfg, records, on_progress=reports.append).run()
     assert [r["iteration"] for r in reports] == [1, 2]
@@ -296,6 +296,7 @@ def test_training_writes_stats_best_model_and_reports_progress(tmp_path, records
     assert 0 <= written["history"][0]["train_dice_first"] <= 1
     assert written["best_metric"] == written["history"][0]["val"]["val_dice_1click"] is not None
     assert written["eval"]["metrics"]["val_lesions"] == 2
+    assert {"val_dice_3clicks", "val_dice_5clicks", "val_fpv_ml", "val_fnv_ml"} <= set(written["eval"]["metrics"])
     best = load_checkpoint(tmp_path / MODEL_BEST)
     assert best.preset == TINY
     assert best.checkpoint_metadata["training"]["selected_by"] == "val_dice_1click"

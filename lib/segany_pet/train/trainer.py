@@ -38,7 +38,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from segany_pet.errors import UserInputError
-from segany_pet.evaluate.interactive import evaluate_case, summarise
+from segany_pet.evaluate.interactive import REPORT_CLICKS, evaluate_case, summarise
 from segany_pet.model import PRESETS, Preset, Sam3D, build_model, load_checkpoint, save_checkpoint
 from segany_pet.predictor import Predictor
 from segany_pet.train.data import (
@@ -142,8 +142,9 @@ class TrainConfig:
     seed: int = 0
     # Held-out records for validation: a number (drawn with the seed) or a list of record ids.
     val_cases: int | list = 0
-    # Validation: clicks per lesion, lesions per case at most (drawn with the seed), the class scored and the
-    # predictor's max_windows (2 bounds the time an untrained model spends following blobs).
+    # Validation: clicks per lesion (Dice is reported after 1, 3 and 5 of them, as far as they go), lesions per
+    # case at most (drawn with the seed), the class scored and the predictor's max_windows (2 bounds the time
+    # an untrained model spends following blobs).
     val_clicks: int = 3
     val_max_lesions: int = 10
     val_class: str = "lesion"
@@ -403,7 +404,8 @@ class Trainer:
         curve = summary["model"]["all"]["dice_curve"]
         return {
             KEY_METRIC: curve[0] if curve else None,
-            f"val_dice_{config.val_clicks}clicks": curve[-1] if curve else None,
+            **{f"val_dice_{k}clicks": curve[k - 1] if len(curve) >= k else None
+               for k in sorted({*REPORT_CLICKS, config.val_clicks}) if 1 < k <= config.val_clicks},
             "val_fpv_ml": summary["model_case"]["fpv_ml"],
             "val_fnv_ml": summary["model_case"]["fnv_ml"],
             "val_lesions": summary["lesions"],
