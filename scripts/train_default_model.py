@@ -26,23 +26,15 @@ import sys
 import time
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from segany_pet.evaluate.interactive import (
-    evaluate_autopet_iv,
-    evaluate_baselines,
-    evaluate_case,
-    markdown_table,
-    summarise,
-    write_report,
-)
+from segany_pet.evaluate.cohort import evaluate_cohort
+from segany_pet.evaluate.interactive import markdown_table, write_report
 from segany_pet.model import PRESETS, Preset, load_checkpoint, save_checkpoint
-from segany_pet.pet import load_nifti, save_nifti
+from segany_pet.pet import save_nifti
 from segany_pet.phantom import ORGAN_NAMES, generate_case
-from segany_pet.predictor import Predictor
 from segany_pet.train import MODEL_BEST, TrainConfig, Trainer, records_from_folder
 
 REPO = Path(__file__).resolve().parents[1]
@@ -86,25 +78,6 @@ def label_names(organs: bool) -> dict[str, int]:
     if organs:
         names.update({name: value + 1 for value, name in ORGAN_NAMES.items()})
     return names
-
-
-def benchmark(model, folder: Path, clicks: int, autopet: bool) -> tuple[dict, dict]:
-    """The interactive protocol, baselines and (optionally) autoPET IV on every case of a cohort."""
-    predictor = Predictor(model, cache_size=64)
-    model_cases, baseline_rows, autopet_cases = [], [], []
-    case_ids = sorted(p.name[: -len(".json")] for p in (folder / "truth").glob("*.json"))
-    for case_id in tqdm(case_ids, desc="benchmark", unit="case"):
-        info = json.loads((folder / "truth" / f"{case_id}.json").read_text())
-        touches = {lesion["id"]: lesion["touches"] for lesion in info["lesions"]}
-        volume = load_nifti(folder / "images" / f"{case_id}.nii.gz")
-        truth = np.asarray(nib.load(folder / "truth" / f"{case_id}_lesions.nii.gz").dataobj).astype(np.int32)
-        model_cases.append(evaluate_case(predictor, volume, truth, clicks, touches=touches, volume_id=case_id))
-        baseline_rows += evaluate_baselines(volume, truth, touches=touches, case_id=case_id)
-        if autopet:
-            autopet_cases.append(evaluate_autopet_iv(predictor, volume, truth, volume_id=case_id))
-        predictor.clear_cache()
-    summary = summarise(model_cases, baseline_rows, autopet_cases)
-    return summary, {"cases": model_cases, "baselines": baseline_rows, "autopet_iv": autopet_cases}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -163,7 +136,8 @@ def main(argv: list[str] | None = None) -> int:
 
     model = load_checkpoint(Path(config.output_dir) / MODEL_BEST)
     args.out.mkdir(parents=True, exist_ok=True)
-    summary, details = benchmark(model, test_dir, args.eval_clicks, not args.no_autopet)
+    summary, details = evaluate_cohort(model, test_dir / "images", test_dir / "truth", clicks=args.eval_clicks,
+                                       autopet=not args.no_autopet)
     card = {
         "trained_on": f"{args.train_cases} synthetic whole-body PET phantoms (FDG and PSMA, 4 mm, positive cases; "
                       f"{args.val_cases} held out for validation), segany_pet.phantom",

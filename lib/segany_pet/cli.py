@@ -4,6 +4,8 @@
     segany-pet noise --cohort DIR [--rate 0.4]
     segany-pet serve --studies DIR [--port 8000] [--conf key value ...]
     segany-pet demo [--dir demo] [--cases 12] [--port 8000]
+    segany-pet train --images DIR --labels DIR --out DIR [...]     (python -m segany_pet.train --help)
+    segany-pet evaluate --model FILE --cohort DIR --out DIR [--clicks 5]
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ import argparse
 import os
 import sys
 from pathlib import Path
+
+from segany_pet.errors import CheckpointError, UserInputError
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 APP_DIR = REPO_ROOT / "apps" / "segany_pet"
@@ -72,7 +76,43 @@ def _demo(args) -> int:
     os.execve(command[0], command, server_environment())
 
 
+def _train(train_args: list[str]) -> int:
+    from segany_pet.train.__main__ import main as train_main
+
+    return train_main(train_args, prog="segany-pet train")
+
+
+def _evaluate(args) -> int:
+    from segany_pet.evaluate.cohort import evaluate_cohort
+    from segany_pet.evaluate.interactive import markdown_table, write_report
+    from segany_pet.model import load_checkpoint
+
+    cohort = Path(args.cohort) if args.cohort else None
+    images = Path(args.images) if args.images else cohort / "images"
+    truth = Path(args.labels) if args.labels else cohort / "truth"
+    model = load_checkpoint(args.model)
+    summary, details = evaluate_cohort(model, images, truth, clicks=args.clicks, baselines=not args.no_baselines,
+                                       autopet=not args.no_autopet)
+    title = f"{Path(args.model).name} on {images}"
+    paths = write_report(summary, args.out, name=args.name, title=title, details=details)
+    print(markdown_table(summary, title))
+    print("report: " + ", ".join(str(path) for path in paths.values()))
+    return 0
+
+
+def _reporting_errors(command: str, run) -> int:
+    """Exit status 2 with the message, no traceback, for input the user can fix."""
+    try:
+        return run()
+    except (UserInputError, CheckpointError) as exc:
+        print(f"segany-pet {command}: {exc}", file=sys.stderr)
+        return 2
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["train"]:
+        return _reporting_errors("train", lambda: _train(argv[1:]))
     parser = argparse.ArgumentParser(prog="segany-pet", description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -102,12 +142,31 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(run=_demo)
 
+    # Listed for --help only: main() hands "train ..." to segany_pet.train's own parser.
+    commands.add_parser("train", help="train a model on images and labels (segany-pet train --help)")
+
+    evaluate = commands.add_parser(
+        "evaluate", help="interactive benchmark of a model: Dice over clicks, FPV, FNV, baselines, autoPET IV"
+    )
+    evaluate.add_argument("--model", required=True, help="checkpoint file (own, SAM-Med3D or SegAnyPET)")
+    evaluate.add_argument("--cohort", help="folder with images/ and truth/ as 'segany-pet phantom' writes")
+    evaluate.add_argument("--images", help="folder of SUV images (instead of COHORT/images)")
+    evaluate.add_argument("--labels", help="folder of lesion labels <case>.nii.gz (instead of COHORT/truth)")
+    evaluate.add_argument("--out", required=True, help="where the table, JSON and plot go")
+    evaluate.add_argument("--name", default="interactive_eval", help="file name of the report")
+    evaluate.add_argument("--clicks", type=int, default=5, help="clicks per lesion")
+    evaluate.add_argument("--no-baselines", action="store_true", help="skip the SUV threshold baselines")
+    evaluate.add_argument("--no-autopet", action="store_true", help="skip the autoPET IV protocol")
+    evaluate.set_defaults(run=_evaluate)
+
     for server in (serve, demo):
         server.add_argument("--port", type=int, default=8000)
         server.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to serve other machines")
 
     args = parser.parse_args(argv)
-    return args.run(args)
+    if args.command == "evaluate" and not args.cohort and not (args.images and args.labels):
+        parser.error("evaluate needs --cohort DIR, or --images DIR and --labels DIR")
+    return _reporting_errors(args.command, lambda: args.run(args))
 
 
 if __name__ == "__main__":

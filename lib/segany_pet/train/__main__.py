@@ -31,8 +31,8 @@ FLAGS = {  # flag -> (TrainConfig field, type)
 }
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m segany_pet.train", description=__doc__.split("\n")[0])
+def main(argv: list[str] | None = None, prog: str = "python -m segany_pet.train") -> int:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
     parser.add_argument("--images", required=True, help="folder of SUV images <id>.nii.gz")
     parser.add_argument("--labels", required=True, help="folder of labels <id>.nii.gz on the images' grids")
     parser.add_argument("--out", required=True, help="output folder (checkpoints, train_stats.json)")
