@@ -30,7 +30,8 @@ def test_phantom_then_noise_writes_a_cohort_and_its_noisy_labels(tmp_path, capsy
 
 def test_train_then_evaluate_from_the_command_line(tmp_path, capsys):
     """`segany-pet train` on a 2-case phantom cohort with the tiny preset, then `segany-pet evaluate` of the
-    model it wrote on two more (cases without a lesion are skipped): the report files exist and hold a Dice per click for every lesion."""
+    model it wrote on two more (cases without a lesion are skipped): the report files exist and hold a Dice per
+    click for every lesion."""
     cohort, test = tmp_path / "cohort", tmp_path / "test"
     assert main(["phantom", "--out", str(cohort), "--cases", "2", "--seed", "3"]) == 0
     assert main(["phantom", "--out", str(test), "--cases", "2", "--seed", "4"]) == 0
