@@ -71,7 +71,6 @@ def evaluate_cohort(
     clicks: int = 5,
     baselines: bool = True,
     autopet: bool = True,
-    max_windows: int | None = None,
 ) -> tuple[dict, dict]:
     """(summary, details) of the interactive protocol, the classical baselines from the same first clicks and
     (optionally) the autoPET IV protocol on every case in ``images`` with a positive ``truth``.
@@ -82,8 +81,7 @@ def evaluate_cohort(
     paths = sorted(images.glob(f"*{NIFTI}"))
     if not paths:
         raise UserInputError(f"no {NIFTI} images in {images}")
-    options = {} if max_windows is None else {"max_windows": max_windows}
-    predictor = Predictor(model, cache_size=64, **options)
+    predictor = Predictor(model, cache_size=64)
     model_cases, baseline_rows, autopet_cases, skipped = [], [], [], []
     for path in tqdm(paths, desc="evaluate", unit="case"):
         case_id = _case_id(path)
