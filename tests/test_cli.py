@@ -41,8 +41,6 @@ def test_train_then_evaluate_from_the_command_line(tmp_path, capsys):
         image = nib.load(path)
         mask = (np.asanyarray(image.dataobj) > 0).astype(np.uint8)
         nib.save(nib.Nifti1Image(mask, image.affine), labels / path.name.replace("_lesions", ""))
-    preset = tmp_path / "tiny.json"
-    preset.write_text(json.dumps(TINY.to_dict()))
     config = tmp_path / "train.json"
     config.write_text(json.dumps({"preset": TINY.to_dict(), "progress_bar": False}))
     out = tmp_path / "run"
