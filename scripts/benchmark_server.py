@@ -57,14 +57,18 @@ def start_server(studies: Path, log_path: Path, conf=()) -> tuple[subprocess.Pop
             time.sleep(0.05)
 
 
-def click(url: str, model: str, image: str, voxel: list[int]) -> tuple[float, dict]:
+def click(url: str, model: str, image: str, voxel: list[int], output: str = "all") -> tuple[float, dict | None]:
+    """One click with OHIF's params: (seconds, the server's latencies; None with output=image, as OHIF asks,
+    where the reply is the label file alone)."""
     params = json.dumps({"foreground": [voxel], "background": [], **OHIF_RESULT_PARAMS})
     started = time.perf_counter()
     response = requests.post(
-        f"{url}/infer/{model}", params={"image": image, "output": "all"}, data={"params": params}, timeout=300
+        f"{url}/infer/{model}", params={"image": image, "output": output}, data={"params": params}, timeout=300
     )
     elapsed = time.perf_counter() - started
     response.raise_for_status()
+    if output == "image":
+        return elapsed, None
     reply_params = json.loads(response.content.split(b"\r\n\r\n", 2)[1].split(b"\r\n--")[0])
     return elapsed, reply_params["latencies"]
 
@@ -111,11 +115,14 @@ def main() -> None:
         print(f"clicks on {model}{served_by}\n")
         try:
             predictor_parts = ("crop", "encode", "decode", "paste")
-            print("| scan | shape | cold click (s) | warm click median (s) | cold / warm | warm server-side (s) |"
-                  + (" warm click / predictor |" if sam else ""))
+            print("| scan | shape | cold click (s) | warm click median (s): OHIF / with params | cold / warm "
+                  "| warm server-side (s) |" + (" warm click / predictor: OHIF / with params |" if sam else ""))
             print("|---|---|---|---|---|---|" + ("---|" if sam else ""))
             for name, (voxel, shape) in clicks.items():
                 cold, _ = click(url, model, name, voxel)
+                # output=image is OHIF's request (the label file alone); output=all adds the reply params
+                # (PET numbers, latencies) in a multipart reply, as the Python client and Slicer read them.
+                ohif = statistics.median(click(url, model, name, voxel, "image")[0] for _ in range(args.warm))
                 warm_runs = [click(url, model, name, voxel) for _ in range(args.warm)]
                 warm = statistics.median(seconds for seconds, _ in warm_runs)
                 server_side = ", ".join(
@@ -123,10 +130,11 @@ def main() -> None:
                     for part in warm_runs[0][1]
                 )
                 size = "x".join(map(str, shape))
-                row = f"| {name} | {size} | {cold:.3f} | {warm:.3f} | {cold / warm:.1f} | {server_side} |"
+                row = (f"| {name} | {size} | {cold:.3f} | {ohif:.3f} / {warm:.3f} | {cold / ohif:.1f} "
+                       f"| {server_side} |")
                 if sam:
                     predictor = statistics.median(sum(lat[p] for p in predictor_parts) for _, lat in warm_runs)
-                    row += f" {warm / predictor:.1f} |"
+                    row += f" {ohif / predictor:.1f} / {warm / predictor:.1f} |"
                 print(row)
         finally:
             process.terminate()

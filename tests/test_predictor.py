@@ -474,10 +474,11 @@ def test_overlapping_windows_merge_by_the_larger_logit():
     low_res = (SMALL.low_res_size,) * 3
     yes, no = torch.full(low_res, 2.0), torch.full(low_res, -2.0)
     for windows in ([(first, yes), (second, no)], [(second, no), (first, yes)]):
-        mask = paste_mask(windows, affine, shape)
+        mask, region = paste_mask(windows, affine, shape)
+        assert mask[region].sum() == mask.sum()
         np.testing.assert_array_equal(mask[first.covered_box(affine, shape)], 1)  # overlap included
         assert mask.sum() == np.prod([s.stop - s.start for s in first.covered_box(affine, shape)])
-    assert paste_mask([(first, no), (second, no)], affine, shape).sum() == 0
+    assert paste_mask([(first, no), (second, no)], affine, shape)[0].sum() == 0
 
 
 class _Pool(nn.Module):

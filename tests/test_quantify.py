@@ -92,6 +92,8 @@ def test_two_lesions_sorted_by_volume_with_summed_totals():
     assert total["suvmax"] == 5.0
     labels, count = label_lesions(mask)
     assert count == 2 and labels[11, 11, 11] == 1 and labels[1, 1, 1] == 2
+    # A box known to hold the mask (the predictor's pasted windows) gives the same numbers, voxels included.
+    assert quantify(suv, mask, (2.0, 2.0, 2.0), region=(slice(0, 15), slice(1, 14), slice(0, 20))) == result
 
 
 def test_voxels_touching_only_at_a_corner_are_one_lesion():

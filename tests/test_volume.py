@@ -55,16 +55,19 @@ def test_load_refuses_a_damaged_file(tmp_path):
 
 
 @pytest.mark.parametrize("extension", [".nrrd", ".nii.gz"])
-def test_saved_mask_is_voxel_aligned_with_the_image(tmp_path, extension):
-    mask = np.zeros((4, 5, 6), np.uint8)
+@pytest.mark.parametrize("order", ["C", "F"])  # the predictor pastes into Fortran order; other callers use C
+@pytest.mark.parametrize("compress", [False, True])
+def test_saved_mask_is_voxel_aligned_with_the_image(tmp_path, extension, order, compress):
+    mask = np.zeros((4, 5, 6), np.uint8, order=order)
     mask[1, 2, 3] = 1
+    mask[3, 0, 5] = 2
     path = tmp_path / f"mask{extension}"
-    save_mask(mask, OBLIQUE, path, compress=False)
+    save_mask(mask, OBLIQUE, path, compress=compress)
     if extension == ".nrrd":
         data, header = nrrd.read(str(path), index_order="F")
         np.testing.assert_allclose(np.array(header["space directions"]).T, OBLIQUE[:3, :3])
         np.testing.assert_allclose(header["space origin"], OBLIQUE[:3, 3])
-        assert header["encoding"] == "raw"
+        assert header["encoding"] == ("gzip" if compress else "raw")
     else:
         image = nib.load(path)
         data = np.asanyarray(image.dataobj)

@@ -63,13 +63,16 @@ def result_path(request: dict) -> tuple[str, bool]:
     return path, compress
 
 
-def write_reply(volume, mask: np.ndarray, request: dict, params: dict, latencies: dict) -> tuple[str, dict]:
+def write_reply(
+    volume, mask: np.ndarray, request: dict, params: dict, latencies: dict, region=None
+) -> tuple[str, dict]:
     """Quantify a mask on its SUV image and write it in the client's format: (file, reply params).
 
-    ``latencies`` (seconds spent so far, by stage) gains ``quantify``, ``write`` and ``total``.
+    ``latencies`` (seconds spent so far, by stage) gains ``quantify``, ``write`` and ``total``; ``region``: a
+    box known to hold the whole mask, see `quantify`.
     """
     started = time.perf_counter()
-    numbers = quantify(volume.suv, mask, volume.spacing)
+    numbers = quantify(volume.suv, mask, volume.spacing, region=region)
     quantified = time.perf_counter()
     path, compress = result_path(request)
     save_mask(mask.astype(np.uint8, copy=False), volume.affine, path, compress=compress)
@@ -289,6 +292,6 @@ class PromptableSegmentationInfer(InferTask):
             "model": predictor_file.name,
             "notes": notes + list(prediction.notes),
         }
-        path, params = write_reply(volume, prediction.mask, request, params, latencies)
+        path, params = write_reply(volume, prediction.mask, request, params, latencies, prediction.region)
         logger.info("%s for %s: %s", predictor_file.name, client or "anonymous", summary(params))
         return path, params
