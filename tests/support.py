@@ -22,6 +22,8 @@ import requests
 
 from segany_pet.cli import server_command, server_environment
 from segany_pet.model import Preset
+from segany_pet.pet import PETVolume
+from segany_pet.phantom import generate_case
 
 # A tiny 3D SAM with the published naming scheme: 32^3 crop at 6 mm (192 mm), 4^3 tokens, 16^3 low-res logits.
 TINY = Preset(name="tiny", crop_size=32, spacing_mm=6.0, normalisation="log_suv", patch_size=8,
@@ -128,3 +130,26 @@ def train_under_torchrun(folder: Path, config, records: list[dict]) -> list[dict
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stderr[-4000:]
     return [json.loads((folder / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+
+
+def small_scan(seed: int, tracer: str = "fdg", size=(56, 56, 72)):
+    """A phantom cut down around its largest lesion (4 mm grid): (volume, lesion instances, case info)."""
+    case = generate_case(seed, tracer, "4mm", negative=False)
+    biggest = max(case.info["lesions"], key=lambda lesion: lesion["volume_ml"])
+    centre = np.argwhere(case.lesions == biggest["id"]).mean(axis=0).round().astype(int)
+    start = [int(np.clip(c - n // 2, 0, s - n)) for c, n, s in zip(centre, size, case.suv.shape, strict=True)]
+    box = tuple(slice(a, a + n) for a, n in zip(start, size, strict=True))
+    affine = case.affine.copy()
+    affine[:3, 3] = case.affine[:3, :3] @ start + case.affine[:3, 3]
+    return PETVolume(case.suv[box].copy(), affine), case.lesions[box].copy(), case.info
+
+
+def wait_for(condition, timeout=300, what="condition"):
+    """``condition()``'s first truthy value, polled every half second; the test fails after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.5)
+    pytest.fail(f"timed out after {timeout} s waiting for {what}")

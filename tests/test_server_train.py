@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import time
 from pathlib import Path
 
 import nibabel as nib
@@ -16,7 +15,7 @@ import pytest
 import requests
 from monailabel.client import MONAILabelClient
 
-from support import running_server
+from support import running_server, wait_for
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
 
@@ -48,16 +47,6 @@ def start(server, params) -> requests.Response:
 
 def train_stats(server) -> dict:
     return MONAILabelClient(server).info()["train_stats"][MODEL]
-
-
-def wait_for(condition, timeout=300, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.5)
-    pytest.fail(f"timed out after {timeout} s waiting for {what}")
 
 
 def click(server, image, client_id) -> requests.Response:

@@ -11,18 +11,14 @@ from monailabel.tasks.activelearning.random import Random
 
 import segany_pet
 from segany_pet.errors import UnknownImageError
+from segany_pet.label.activelearning import CrossPromptScoring, disagreement_strategy, label_review_strategy
 from segany_pet.label.datastore import PETDatastore
 from segany_pet.label.infer import LESION_LABELS, AnnotationSessions, PromptableSegmentationInfer, SUVThresholdInfer
-from segany_pet.label.models import ServedModel
+from segany_pet.label.models import PROMPTABLE, STATE_DIR, served_model_for
 from segany_pet.label.train import PromptableTrainTask
 from segany_pet.pet import VolumeCache
 
 logger = logging.getLogger(__name__)
-
-MODEL_DIR = Path(__file__).resolve().parents[2] / "model"
-DEFAULT_MODEL = "segany_pet_small.pt"
-STATE_DIR = ".segany_pet"
-PROMPTABLE = "segany_pet"
 
 
 class SegAnyPETApp(MONAILabelApp):
@@ -32,7 +28,12 @@ class SegAnyPETApp(MONAILabelApp):
       model, a SAM-Med3D or a SegAnyPET file (default ``segany_pet_small.pt``);
     - ``inference_dtype``: ``float32`` (default) or ``bfloat16`` for the image encoder;
     - ``threshold_method``: default of ``suv_threshold`` (relative_41, relative_50, fixed_2.5, fixed_4.0);
-    - ``volume_cache``: scans kept in memory (4); ``sessions``: annotator sessions kept (64).
+    - ``volume_cache``: scans kept in memory (4); ``sessions``: annotator sessions kept (64);
+    - ``lease_minutes``: how long a scan served by ``disagreement`` / ``label_review`` stays with its
+      annotator (30).
+
+    Scoring (``POST /scoring/cross_prompt``) runs only when asked: MONAI Label's habit of rescoring after every
+    served sample and saved label would start a cohort-wide job each time.
 
     Training (``POST /train/segany_pet``) keeps its runs and publishes its model under the datastore's
     ``.segany_pet/`` folder (a model trained on these labels belongs to them, not to every datastore the app
@@ -44,12 +45,7 @@ class SegAnyPETApp(MONAILabelApp):
         self.sessions = AnnotationSessions(capacity=int(conf.get("sessions", 64)))
         local = not studies.startswith(("http://", "https://"))
         self.state_dir = Path(studies) / STATE_DIR if local else Path(app_dir) / STATE_DIR
-        model_file = Path(conf.get("model", DEFAULT_MODEL))
-        self.served_model = ServedModel(
-            model_file if model_file.is_absolute() else MODEL_DIR / model_file,
-            dtype=conf.get("inference_dtype"),
-            published=self.state_dir / "models" / f"{PROMPTABLE}.pt",
-        )
+        self.served_model = served_model_for(self.state_dir, conf.get("model"), conf.get("inference_dtype"))
         super().__init__(
             app_dir=app_dir,
             studies=studies,
@@ -59,6 +55,7 @@ class SegAnyPETApp(MONAILabelApp):
             version=segany_pet.__version__,
             labels=LESION_LABELS,
         )
+        self._auto_update_scoring = False
 
     def init_datastore(self):
         if self.studies.startswith(("http://", "https://")):
@@ -90,7 +87,16 @@ class SegAnyPETApp(MONAILabelApp):
         }
 
     def init_strategies(self):
-        return {"random": Random(), "first": First()}
+        lease_minutes = float(self.conf.get("lease_minutes", 30))
+        return {
+            "disagreement": disagreement_strategy(lease_minutes),
+            "label_review": label_review_strategy(lease_minutes),
+            "random": Random(),
+            "first": First(),
+        }
+
+    def init_scoring_methods(self):
+        return {"cross_prompt": CrossPromptScoring(self.served_model, self.state_dir)}
 
     def on_init_complete(self):
         super().on_init_complete()
@@ -99,13 +105,17 @@ class SegAnyPETApp(MONAILabelApp):
 
         from segany_pet.label.server import (
             check_and_stop_training,
+            check_scoring_requests,
             install_error_handlers,
             serve_infer_off_the_event_loop,
+            serve_leased_strategies,
         )
 
         install_error_handlers(fastapi_app)
         serve_infer_off_the_event_loop(fastapi_app)
         check_and_stop_training(fastapi_app, self._trainers, self.datastore())
+        check_scoring_requests(fastapi_app, self._scoring_methods, self.datastore())
+        serve_leased_strategies(fastapi_app, self, {"disagreement", "label_review"})
         self.served_model.start_loading()
 
     def infer(self, request, datastore=None):

@@ -6,6 +6,8 @@
     segany-pet demo [--dir demo] [--cases 12] [--port 8000]
     segany-pet train --images DIR --labels DIR --out DIR [...]     (python -m segany_pet.train --help)
     segany-pet evaluate --model FILE --cohort DIR --out DIR [--clicks 5]
+    segany-pet score STUDIES [--model FILE] [--box-model FILE] [--force]     (also under torchrun)
+    segany-pet audit STUDIES --out DIR [--top 20]
 """
 
 from __future__ import annotations
@@ -100,6 +102,65 @@ def _evaluate(args) -> int:
     return 0
 
 
+def _score(args) -> int:
+    import torch
+    from tqdm import tqdm
+
+    from segany_pet.active.scoring import models_key, progress_line, score_datastore, scoring_predictor
+    from segany_pet.model import load_checkpoint
+
+    datastore, served, box_file = _datastore_and_models(args)
+    torch.set_num_threads(args.threads)
+    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))  # set by torchrun
+    served_predictor, point_file = served.predictor_and_file()
+    point = scoring_predictor(served_predictor.model)
+    box = scoring_predictor(load_checkpoint(box_file)) if box_file else point
+    with tqdm(desc=f"scoring (rank {rank} of {world_size})", unit="scan", disable=rank != 0) as bar:
+        def advance(progress: dict) -> None:
+            bar.total = progress["total"]
+            bar.update(progress["done"] - bar.n)
+
+        result = score_datastore(datastore, point, box, models_key(point_file, box_file), images=args.images,
+                                 force=args.force, rank=rank, world_size=world_size, on_progress=advance)
+    print(progress_line(result))
+    return 1 if result["failed"] else 0
+
+
+def _audit(args) -> int:
+    from segany_pet.active.audit import write_audit
+    from segany_pet.active.scoring import scoring_predictor
+    from segany_pet.model import load_checkpoint
+
+    datastore, served, box_file = _datastore_and_models(args)
+    point = box = None
+    if not args.no_models:
+        point = scoring_predictor(served.predictor().model)
+        box = scoring_predictor(load_checkpoint(box_file)) if box_file else point
+    paths = write_audit(datastore, args.out, point, box, top=args.top)
+    print("audit: " + ", ".join(str(path) for path in paths.values()))
+    return 0
+
+
+def _datastore_and_models(args):
+    """The datastore of STUDIES and the models the server would score it with (or --model / --box-model)."""
+    from segany_pet.label.activelearning import box_replica_path
+    from segany_pet.label.datastore import PETDatastore
+    from segany_pet.label.models import STATE_DIR, ServedModel, served_model_for
+
+    studies = Path(args.studies)
+    if not studies.is_dir():
+        raise UserInputError(f"{studies} is not a folder: give the datastore's folder of SUV NIfTI images")
+    datastore = PETDatastore(str(studies), extensions=("*.nii.gz", "*.nii"), auto_reload=False)
+    if args.model:
+        served, box_file = ServedModel(Path(args.model).resolve()), None
+    else:
+        served = served_model_for(studies / STATE_DIR)
+        box_file = box_replica_path(served)
+    if args.box_model:
+        box_file = Path(args.box_model)
+    return datastore, served, box_file
+
+
 def _reporting_errors(command: str, run) -> int:
     """Exit status 2 with the message, no traceback, for input the user can fix."""
     try:
@@ -158,6 +219,24 @@ def main(argv: list[str] | None = None) -> int:
     evaluate.add_argument("--no-baselines", action="store_true", help="skip the SUV threshold baselines")
     evaluate.add_argument("--no-autopet", action="store_true", help="skip the autoPET IV protocol")
     evaluate.set_defaults(run=_evaluate)
+
+    score = commands.add_parser(
+        "score", help="cross-prompt disagreement and label-noise scores for a datastore (runs under torchrun too)"
+    )
+    audit = commands.add_parser("audit", help="ranked CSV and HTML page of the labels the models contradict")
+    for task in (score, audit):
+        task.add_argument("studies", help="the datastore: the folder of SUV NIfTI images the server serves")
+        task.add_argument("--model", help="point-prompted model (default: what the server serves for STUDIES)")
+        task.add_argument("--box-model", help="box-prompted model (default: a published CPCL box replica, "
+                                              "else the point model prompted with boxes)")
+    score.add_argument("--images", nargs="+", help="only these image ids")
+    score.add_argument("--force", action="store_true", help="rescore scans whose image, label and model are unchanged")
+    score.add_argument("--threads", type=int, default=2, help="torch threads per process")
+    score.set_defaults(run=_score)
+    audit.add_argument("--out", required=True, help="where suspicious_labels.csv and index.html go")
+    audit.add_argument("--top", type=int, default=20, help="labels shown with figures")
+    audit.add_argument("--no-models", action="store_true", help="draw the stored labels only (no consensus)")
+    audit.set_defaults(run=_audit)
 
     for server in (serve, demo):
         server.add_argument("--port", type=int, default=8000)

@@ -29,6 +29,17 @@ class PETDatastore(LocalDatastore):
         self._thread_lock = threading.RLock()
         self._stamp: tuple[int, int] | None = None  # (mtime_ns, size) of the file as this process last saw it
         super().__init__(*args, **kwargs)
+        if getattr(self, "_handler", None) is not None:  # auto_reload: files are replaced, not modified, here
+            self._handler.on_moved = self._on_replaced_event
+
+    def _on_replaced_event(self, event):
+        """A process replaced the datastore file (see _update_datastore_file): reload it unless it was this one."""
+        if getattr(event, "dest_path", None) != self._datastore_config_path:
+            return
+        if self._ignore_event_config:
+            self._ignore_event_config = False
+            return
+        self._init_from_datastore_file()
 
     @contextlib.contextmanager
     def _transaction(self):
@@ -51,9 +62,17 @@ class PETDatastore(LocalDatastore):
         self._config_ts = stat.st_mtime
 
     def _update_datastore_file(self, lock=True):
-        super()._update_datastore_file(lock=lock)
-        stat = os.stat(self._datastore_config_path)
-        self._stamp = (stat.st_mtime_ns, stat.st_size)
+        """Write the datastore file whole or not at all (a killed scoring job must not leave half a file), with
+        pydantic's serialiser: 6,000 images take ~0.03 s instead of ~0.3 s with MONAI Label's indented json."""
+        with FileLock(self._lock_file) if lock else contextlib.nullcontext():
+            self._ignore_event_config = True
+            partial = f"{self._datastore_config_path}.{os.getpid()}.partial"
+            with open(partial, "w") as file:
+                file.write(self._datastore.model_dump_json(exclude={"base_path"}))
+            os.replace(partial, self._datastore_config_path)
+            stat = os.stat(self._datastore_config_path)
+            self._stamp = (stat.st_mtime_ns, stat.st_size)
+            self._config_ts = stat.st_mtime
 
     def _init_from_datastore_file(self, throw_exception=False):
         super()._init_from_datastore_file(throw_exception)
@@ -99,3 +118,37 @@ class PETDatastore(LocalDatastore):
             if label is None:
                 raise LabelNotFoundException(f"Label: {label_id} Tag: {label_tag} not found")
             label.info.update(info)
+
+    def lease_best(self, rank, client_id: str, strategy: str, lease_seconds: float) -> tuple[str, dict] | None:
+        """Choose and lease an image in one transaction, so two annotators asking at once get different ones.
+
+        ``rank(image_id, record)`` -> a sort key (higher first) for images the strategy may serve, None for
+        the others. Images leased to another client within the last ``lease_seconds`` are skipped; this
+        client's own earlier lease under ``strategy`` ends (asking for the next image means leaving that one),
+        and that image is not served again at once. The lease (``client_id``, ``strategy``, ``until``) is kept
+        in the image's info. Returns (image id, its info) or None when no image qualifies.
+        """
+        now = time.time()
+        with self._transaction():
+            previous = None
+            candidates = []
+            for image_id, record in self._datastore.objects.items():
+                lease = record.image.info.get("lease")
+                if lease and lease.get("until", 0) > now:
+                    if lease.get("client_id") != client_id:
+                        continue
+                    if lease.get("strategy") == strategy:
+                        previous = image_id
+                        record.image.info.pop("lease")
+                        continue
+                key = rank(image_id, record)
+                if key is not None:
+                    candidates.append((key, image_id))
+            if not candidates:
+                return None
+            _, chosen = max(candidates)
+            info = self._datastore.objects[chosen].image.info
+            info["lease"] = {"client_id": client_id, "strategy": strategy, "until": now + lease_seconds,
+                             "since": now, "previous": previous}
+            return chosen, dict(info)
+

@@ -20,6 +20,11 @@ from segany_pet.predictor import Predictor
 
 logger = logging.getLogger(__name__)
 
+MODEL_DIR = Path(__file__).resolve().parents[3] / "model"
+DEFAULT_MODEL = "segany_pet_small.pt"
+STATE_DIR = ".segany_pet"  # in a local datastore: the app's training runs, published models, scoring progress
+PROMPTABLE = "segany_pet"
+
 
 class ModelUnavailableError(UserInputError):
     """The served checkpoint is missing, broken or still loading: the admin must act, or the client wait."""
@@ -34,12 +39,14 @@ class ServedModel:
     returns the ready Predictor, reloading first when the file to serve or its modification time changed
     (a newly published checkpoint), and raises ModelUnavailableError with the reason otherwise.
     ``published``: where training publishes its model; served instead of ``path`` when it exists.
+    ``published_box``: where a CPCL job publishes its box replica, beside it.
     """
 
     def __init__(self, path: str | os.PathLike, dtype: str | None = None, cache_size: int = 8,
                  published: str | os.PathLike | None = None):
         self.path = Path(path)
         self.published = Path(published) if published else None
+        self.published_box = self.published.with_name(self.published.stem + "_box.pt") if published else None
         self.dtype = dtype
         self.cache_size = cache_size
         self._predictor: Predictor | None = None
@@ -124,3 +131,13 @@ def _mtime(path: Path) -> int | None:
         return os.stat(path).st_mtime_ns
     except FileNotFoundError:
         return None
+
+
+def served_model_for(state_dir: str | os.PathLike, model: str | os.PathLike | None = None,
+                     dtype: str | None = None) -> ServedModel:
+    """What the app serves for a datastore: ``model`` (a file in model/ or a path; default the shipped
+    model), replaced by the model a training job published under ``state_dir`` while that exists."""
+    model_file = Path(model or DEFAULT_MODEL)
+    return ServedModel(model_file if model_file.is_absolute() else MODEL_DIR / model_file, dtype=dtype,
+                       published=Path(state_dir) / "models" / f"{PROMPTABLE}.pt")
+

@@ -132,3 +132,40 @@ def check_and_stop_training(app: FastAPI, trainers: dict, datastore, stop_grace_
 
     _replace_route(app, train_endpoint.router, train_endpoint.api_run_model, run_model)
     _replace_route(app, train_endpoint.router, train_endpoint.api_stop, stop)
+
+
+def serve_leased_strategies(app: FastAPI, instance, leased: set[str]) -> None:
+    """``POST /activelearning/{strategy}`` for the strategies in ``leased`` without MONAI Label's extra writes.
+
+    MONAI Label records every served sample by rewriting the image's info after the strategy ran: a second
+    datastore write per request (and a window in which two clients get the same scan). The leased strategies
+    choose and record in one transaction (PETDatastore.lease_best), so their answer skips that write; other
+    strategies are served by MONAI Label unchanged.
+    """
+    from monailabel.endpoints import activelearning as endpoint
+
+    def next_sample(strategy, params, user):
+        if strategy not in leased:
+            return endpoint.sample(strategy, params, user.username)
+        request = {"strategy": strategy, **(params or {})}
+        request["client_id"] = request.get("client_id") or user.username  # MONAILabelClient sends null by default
+        result = instance.next_sample(request)
+        if not result:
+            return {}
+        return {**instance.datastore().get_image_info(result["id"]), **result}
+
+    _replace_route(app, endpoint.router, endpoint.api_sample, next_sample)
+
+
+def check_scoring_requests(app: FastAPI, methods: dict, datastore) -> None:
+    """``POST /scoring/{method}`` checks its params first (a 4xx now, not a failed job to find later)."""
+    from monailabel.endpoints import scoring as endpoint
+
+    def run_method(method, params, run_sync, user):
+        task = methods.get(method)
+        if task is not None and hasattr(task, "check_request"):
+            task.check_request(params or {}, datastore)
+        return endpoint.run_method(method, params, run_sync)
+
+    _replace_route(app, endpoint.router, endpoint.api_run_method, run_method)
+

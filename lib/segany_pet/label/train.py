@@ -153,14 +153,15 @@ class PromptableTrainTask(TrainTask):
             (self.output_dir / name).unlink(missing_ok=True)
 
     def publish(self) -> Path:
-        """Copy the best model to the served model's published path, atomically (a click never reads half)."""
-        target = self.served.published
-        target.parent.mkdir(parents=True, exist_ok=True)
-        partial = target.with_name(target.name + ".partial")
-        shutil.copyfile(self.output_dir / MODEL_BEST, partial)
-        os.replace(partial, target)
-        logger.info("published %s as %s", self.output_dir / MODEL_BEST, target)
-        return target
+        """Publish the best model where the server serves it from, and a CPCL job's box replica beside it (the
+        cross-prompt scoring's box model); any other job removes an older box replica, which belonged to the
+        model it replaces."""
+        copy_atomically(self.output_dir / MODEL_BEST, self.served.published)
+        if self.method == "cpcl" and (self.output_dir / MODEL_BOX).exists():
+            copy_atomically(self.output_dir / MODEL_BOX, self.served.published_box)
+        else:
+            self.served.published_box.unlink(missing_ok=True)
+        return self.served.published
 
     def request_stop(self) -> None:
         """Ask a running job to save and stop after its current step (the trainer polls this file); a job still
@@ -219,6 +220,15 @@ def typed(key: str, value):
     if not number or (kind is int and not float(value).is_integer()):
         raise UserInputError(f"{key} must be {'an integer' if kind is int else 'a number'}, not {value!r}")
     return kind(value)
+
+
+def copy_atomically(source: Path, target: Path) -> None:
+    """Copy through a partial file and a rename: a reader (the next click) never sees half a checkpoint."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(target.name + ".partial")
+    shutil.copyfile(source, partial)
+    os.replace(partial, target)
+    logger.info("published %s as %s", source, target)
 
 
 def read_json(path: Path) -> dict | None:

@@ -33,9 +33,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from segany_pet.active.cross_prompt import prompt_pair
 from segany_pet.model import Sam3D, build_model, load_checkpoint, save_checkpoint
 from segany_pet.pet import save_nifti
-from segany_pet.predictor import Predictor, paste_logits
+from segany_pet.predictor import Predictor
 from segany_pet.prompts import centre_click
 from segany_pet.train.data import TrainingCase, TrainingDataError, load_cases
 from segany_pet.train.simulate import InteractiveStep, Prompt, first_prompt, jittered_box
@@ -274,10 +275,8 @@ def noise_report(point_model: Sam3D, box_model: Sam3D, cases: list[TrainingCase]
             click = centre_click(case.instances[obj.box] == obj.instance, volume.spacing)
             click = [int(c + s.start) for c, s in zip(click, obj.box, strict=True)]
             corners = ([s.start for s in obj.box], [s.stop - 1 for s in obj.box])
-            placed = [paste_logits(prediction.low_res_logits[0, 0], prediction.geometry, volume.affine, volume.shape)
-                      for prediction in (point_session.predict(foreground=[click]), box_session.predict(box=corners))]
-            region = _region([obj.box] + [item[0] for item in placed if item is not None], volume.shape, pad=2)
-            maps = [_probability_in(region, item) for item in placed]
+            pair = prompt_pair(point_session, box_session, click, corners, around=[obj.box])
+            region, maps = pair.region, (pair.point, pair.box)
             here = case.instances[region]
             label = here == obj.instance
             others = (here > 0) & ~label  # left to their own objects
@@ -292,7 +291,7 @@ def noise_report(point_model: Sam3D, box_model: Sam3D, cases: list[TrainingCase]
             objects.append({"instance": obj.instance, "class": obj.class_name, "voxel": click,
                             "voxels": int(label.sum()), "noisy_voxels": int(noisy.sum()),
                             "noise_score": round(int(noisy.sum()) / max(int(union.sum()), 1), 4),
-                            "replica_dice": round(_dice(maps[0] > 0.5, maps[1] > 0.5), 4)})
+                            "replica_dice": round(1.0 - pair.disagreement(), 4)})
         if corrected_dir is not None:
             corrected_dir.mkdir(parents=True, exist_ok=True)
             save_nifti(corrected, volume.affine, corrected_dir / f"{case.id}.nii.gz")
@@ -306,24 +305,3 @@ def noise_report(point_model: Sam3D, box_model: Sam3D, cases: list[TrainingCase]
     results.sort(key=lambda r: r["noise_score"], reverse=True)
     return {"cases": results}
 
-
-def _probability_in(region: tuple[slice, ...], placed) -> np.ndarray:
-    """A replica's probability on ``region`` from its pasted logits block (0 where the block does not reach)."""
-    probability = np.zeros([s.stop - s.start for s in region], dtype=np.float32)
-    if placed is not None:
-        block_box, block = placed
-        local = tuple(slice(b.start - r.start, b.stop - r.start) for b, r in zip(block_box, region, strict=True))
-        probability[local] = 1 / (1 + np.exp(-np.asarray(block)))
-    return probability
-
-
-def _region(boxes, shape, pad: int = 0) -> tuple[slice, ...]:
-    """The smallest box holding all ``boxes`` (tuples of slices), padded and clipped to ``shape``."""
-    starts = [max(min(b[a].start for b in boxes) - pad, 0) for a in range(3)]
-    stops = [min(max(b[a].stop for b in boxes) + pad, shape[a]) for a in range(3)]
-    return tuple(slice(lo, hi) for lo, hi in zip(starts, stops, strict=True))
-
-
-def _dice(a: np.ndarray, b: np.ndarray) -> float:
-    total = int(a.sum()) + int(b.sum())
-    return 1.0 if total == 0 else 2.0 * int((a & b).sum()) / total

@@ -1,0 +1,1 @@
+"""Active learning: which scan to annotate next, which label to re-check (cross-prompt disagreement)."""

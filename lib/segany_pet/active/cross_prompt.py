@@ -1,0 +1,261 @@
+"""Cross-prompt disagreement: where a point-prompted and a box-prompted model see an object differently.
+
+The same object prompted two ways (a click at its centre, a box around it) through two replicas of the model
+(CPCL's point and box replicas) or through one model: where the two answers disagree the model is unsure, so
+an annotator's time there is well spent; where they agree with each other but not with a stored label, the
+label is suspect (CPCL's confidence rule, `segany_pet.train.cpcl.confidence_targets`).
+
+A scan is scored without any click (`score_scan`): its targets are the components of its label, if it has one,
+and its hot spots (`hot_spots`: local SUV maxima above a liver-referenced threshold, as PERCIST defines
+measurable uptake), which finds what a label misses and what an unlabeled scan holds.
+
+Frames: voxel indices of the stored image throughout.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import ndimage
+
+from segany_pet.evaluate.baselines import regions_from_clicks
+from segany_pet.pet import PETVolume
+from segany_pet.pet.quantify import LESION_CONNECTIVITY
+from segany_pet.predictor import Prediction, VolumeSession, paste_logits
+from segany_pet.prompts import centre_click
+
+# PERCIST: measurable uptake exceeds 1.5 x liver SUVmean + 2 x liver SD (3 cm liver VOI).
+PERCIST_LIVER_FACTOR = 1.5
+PERCIST_LIVER_SD_FACTOR = 2.0
+LIVER_WINDOW_MM = 30.0
+# The liver estimate (`liver_reference`): the most active homogeneous region of at least this many mL of
+# window centres, between these shares of the body's head-to-feet extent (below the head, above the pelvis).
+LIVER_MAX_CV = 0.2
+LIVER_MIN_ML = 100.0
+LIVER_ZONE = (0.2, 0.7)
+BODY_SUV = 0.2
+# Without a liver reference, hot spots exceed this multiple of the body's median SUV.
+FALLBACK_MEDIAN_FACTOR = 4.0
+MAX_HOT_SPOTS = 16
+# A scan's disagreement is the mean of its TOP_TARGETS most disputed targets: one ambiguous lesion among many
+# clear hot spots still ranks the scan high.
+TOP_TARGETS = 3
+WORST_REPORTED = 5
+
+
+@dataclass
+class PromptPair:
+    """Both models' probabilities on a region of the stored grid (slices) holding both answers."""
+
+    region: tuple[slice, slice, slice]
+    point: np.ndarray
+    box: np.ndarray
+
+    def disagreement(self, threshold: float = 0.5) -> float:
+        """1 - Dice of the two masks (0 when both are empty: they agree there is nothing)."""
+        return 1.0 - dice(self.point > threshold, self.box > threshold)
+
+    def entropy_bits(self, threshold: float = 0.5) -> float:
+        """Mean binary entropy (bits) of the averaged probability over the voxels either model calls object."""
+        where = (self.point > threshold) | (self.box > threshold)
+        if not where.any():
+            return 0.0
+        mean = np.clip(0.5 * (self.point[where] + self.box[where]), 1e-6, 1 - 1e-6).astype(np.float64)
+        return float(np.mean(-(mean * np.log(mean) + (1 - mean) * np.log(1 - mean))) / math.log(2.0))
+
+
+def prompt_pair(point: VolumeSession, box: VolumeSession, click, corners, around=(), pad: int = 2) -> PromptPair:
+    """Click ``point``'s model at ``click`` and give ``box``'s model the box ``corners`` (min, max inclusive);
+    their probabilities on the region covering both answers and the boxes (slices) in ``around``."""
+    predictions = (point.predict(foreground=[list(click)]), box.predict(box=corners))
+    volume = point.volume
+    placed = [_pasted(prediction, volume) for prediction in predictions]
+    region = bounding_region([*around, *(item[0] for item in placed if item is not None)], volume.shape, pad)
+    return PromptPair(region, *(probability_in(region, item) for item in placed))
+
+
+def _pasted(prediction: Prediction, volume: PETVolume):
+    return paste_logits(prediction.low_res_logits[0, 0], prediction.geometry, volume.affine, volume.shape)
+
+
+def probability_in(region: tuple[slice, ...], placed) -> np.ndarray:
+    """A model's probability on ``region`` from its pasted logits block (0 where the block does not reach)."""
+    probability = np.zeros([s.stop - s.start for s in region], dtype=np.float32)
+    if placed is not None:
+        block_box, block = placed
+        local = tuple(slice(b.start - r.start, b.stop - r.start) for b, r in zip(block_box, region, strict=True))
+        probability[local] = 1 / (1 + np.exp(-np.asarray(block)))
+    return probability
+
+
+def bounding_region(boxes, shape, pad: int = 0) -> tuple[slice, ...]:
+    """The smallest box holding all ``boxes`` (tuples of slices), padded and clipped to ``shape``."""
+    starts = [max(min(b[a].start for b in boxes) - pad, 0) for a in range(3)]
+    stops = [min(max(b[a].stop for b in boxes) + pad, shape[a]) for a in range(3)]
+    return tuple(slice(lo, hi) for lo, hi in zip(starts, stops, strict=True))
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    total = int(a.sum()) + int(b.sum())
+    return 1.0 if total == 0 else 2.0 * int((a & b).sum()) / total
+
+
+# ----------------------------------------------------------------------------------------------
+# Targets without clicks
+
+
+def superior_axis(affine: np.ndarray) -> tuple[int, int]:
+    """(stored axis closest to the patient's head-feet direction, +1 if its index grows towards the head)."""
+    axis = int(np.argmax(np.abs(affine[2, :3])))
+    return axis, 1 if affine[2, axis] > 0 else -1
+
+
+def liver_reference(volume: PETVolume) -> dict | None:
+    """Liver SUV mean and SD estimated from the image, or None where no region qualifies.
+
+    PERCIST measures the liver in a 3 cm VOI. Without a liver segmentation: the SUV mean and SD in a 3 cm
+    window at every voxel; window centres where the coefficient of variation is below LIVER_MAX_CV are
+    homogeneous tissue; of their connected regions between 10% and 60% of the body's head-to-feet extent
+    (below the brain, above the bladder) holding at least LIVER_MIN_ML, the one of highest mean SUV is the
+    liver (muscle and blood pool are less active, kidneys and heart wall too small or too uneven for a 3 cm
+    window). Checked against the phantoms' known liver uptake, FDG and PSMA (tests/test_active.py).
+    """
+    suv, spacing = volume.suv, volume.spacing
+    step = [max(1, int(round(3.0 / s))) for s in spacing]  # ~3 mm is fine enough for a 3 cm window
+    coarse = suv[:: step[0], :: step[1], :: step[2]].astype(np.float64)
+    coarse_spacing = [s * k for s, k in zip(spacing, step, strict=True)]
+    size = [max(3, int(round(LIVER_WINDOW_MM / s)) | 1) for s in coarse_spacing]
+    mean = ndimage.uniform_filter(coarse, size, mode="nearest")
+    sd = np.sqrt(np.maximum(ndimage.uniform_filter(coarse**2, size, mode="nearest") - mean**2, 0.0))
+    homogeneous = (mean > BODY_SUV) & (sd < LIVER_MAX_CV * mean)
+    axis, towards_head = superior_axis(volume.affine)
+    body = np.flatnonzero((coarse > BODY_SUV).any(axis=tuple(a for a in range(3) if a != axis)))
+    if body.size == 0:
+        return None
+    head, feet = (body[-1], body[0]) if towards_head > 0 else (body[0], body[-1])
+    shares = (np.arange(coarse.shape[axis]) - head) / (feet - head if feet != head else 1)
+    zone = (shares >= LIVER_ZONE[0]) & (shares <= LIVER_ZONE[1])
+    homogeneous &= np.expand_dims(zone, tuple(a for a in range(3) if a != axis))
+    regions, count = ndimage.label(homogeneous)
+    if count == 0:
+        return None
+    voxel_ml = float(np.prod(coarse_spacing)) / 1000.0
+    sizes = np.bincount(regions.ravel(), minlength=count + 1)[1:] * voxel_ml
+    means = ndimage.mean(mean, regions, np.arange(1, count + 1))
+    eligible = np.flatnonzero(sizes >= LIVER_MIN_ML)
+    if eligible.size == 0:
+        return None
+    best = int(eligible[np.argmax(means[eligible])]) + 1
+    inside = regions == best
+    return {"mean": round(float(mean[inside].mean()), 4), "sd": round(float(sd[inside].mean()), 4),
+            "ml": round(float(sizes[best - 1]), 1), "source": "estimated"}
+
+
+def hot_spot_threshold(volume: PETVolume, liver: dict | None) -> float:
+    """PERCIST's threshold from a liver reference, or FALLBACK_MEDIAN_FACTOR x the body's median SUV."""
+    if liver is not None:
+        return PERCIST_LIVER_FACTOR * liver["mean"] + PERCIST_LIVER_SD_FACTOR * liver["sd"]
+    body = volume.suv[volume.suv > BODY_SUV]
+    return FALLBACK_MEDIAN_FACTOR * float(np.median(body)) if body.size else float("inf")
+
+
+def hot_spots(volume: PETVolume, threshold: float, exclude: np.ndarray | None = None,
+              limit: int = MAX_HOT_SPOTS) -> list[list[int]]:
+    """The hottest voxel of each 26-connected region above ``threshold`` outside ``exclude`` (bool, e.g. a
+    label's lesions), hottest first, at most ``limit``: voxel indices.
+
+    One spot per region, not per local maximum: a bladder or a kidney is one target, however noisy its
+    uptake; a lesion merged with an organ above the threshold is found through the organ's spot.
+    """
+    above = volume.suv > threshold
+    if exclude is not None:
+        above &= ~exclude
+    regions, count = ndimage.label(above, structure=LESION_CONNECTIVITY)
+    if count == 0:
+        return []
+    peaks = ndimage.maximum_position(volume.suv, regions, np.arange(1, count + 1))
+    values = volume.suv[tuple(np.asarray(peaks).T)]
+    order = np.argsort(-values, kind="stable")[:limit]
+    return [[int(v) for v in peaks[i]] for i in order]
+
+
+# ----------------------------------------------------------------------------------------------
+# A scan's score
+
+
+def score_scan(point: VolumeSession, box: VolumeSession, label: np.ndarray | None = None, liver: dict | None = None,
+               *, max_hot_spots: int = MAX_HOT_SPOTS, confidence: dict | None = None,
+               consensus: np.ndarray | None = None) -> dict:
+    """Cross-prompt scores of one scan (the sessions' volume), JSON-ready.
+
+    Targets: every 26-connected component of ``label`` (stored value > 0), prompted at its deepest voxel and
+    by its bounding box, and the hot spots outside it, prompted at the hot spot and by the box of the 41%
+    SUVmax region grown from it. ``liver``: a known liver reference (``{"mean", "sd"}``), else estimated.
+    ``confidence``: keyword arguments of `confidence_targets` (the CPCL thresholds). ``consensus``: a bool
+    array of the scan's shape that receives the models' consensus (mean probability > 0.5), target by
+    target (the audit report's overlay).
+
+    Returns ``cross_prompt_disagreement`` (mean of the TOP_TARGETS largest target disagreements, 1 - Dice),
+    ``cross_prompt_entropy`` (the same targets' mean entropy, bits), ``cross_prompt_worst`` (the most disputed
+    targets: voxel, kind, disagreement, entropy), ``hot_spot_threshold``, ``liver_reference``, ``targets``;
+    with a label also ``label_noise_score`` (voxels where both models agree against the label, over voxels
+    the label or their consensus calls object) and ``label_noise_worst``.
+    """
+    from segany_pet.train.cpcl import confidence_targets  # the one definition of "noisy"
+
+    volume = point.volume
+    liver = liver or liver_reference(volume)
+    threshold = hot_spot_threshold(volume, liver)
+    targets = []
+    components, count = (ndimage.label(label > 0, structure=LESION_CONNECTIVITY) if label is not None
+                         else (None, 0))
+    for index, component_box in enumerate(ndimage.find_objects(components) if count else [], start=1):
+        inside = components[component_box] == index
+        click = [int(c + s.start) for c, s in zip(centre_click(inside, volume.spacing), component_box, strict=True)]
+        corners = ([s.start for s in component_box], [s.stop - 1 for s in component_box])
+        targets.append(("label", click, corners, component_box, index))
+    exclude = ndimage.binary_dilation(label > 0, iterations=2) if count else None
+    for spot in hot_spots(volume, threshold, exclude, limit=max_hot_spots):
+        (grown,) = regions_from_clicks(volume.suv, volume.spacing, [spot])
+        voxels = np.argwhere(grown.mask) + [s.start for s in grown.box]
+        corners = (voxels.min(axis=0).tolist(), voxels.max(axis=0).tolist()) if len(voxels) else (spot, spot)
+        targets.append(("hot_spot", spot, corners, grown.box, 0))
+
+    scored, noisy_total, union_total = [], 0, 0
+    for kind, click, corners, target_box, component in targets:
+        pair = prompt_pair(point, box, click, corners, around=[target_box])
+        if consensus is not None:
+            consensus[pair.region] |= 0.5 * (pair.point + pair.box) > 0.5  # as CPCL defines consensus
+        record = {"voxel": click, "kind": kind, "disagreement": round(pair.disagreement(), 4),
+                  "entropy_bits": round(pair.entropy_bits(), 4)}
+        if label is not None:
+            here = components[pair.region]
+            this = here == component if component else np.zeros(here.shape, dtype=bool)
+            others = (here > 0) & ~this  # each label component answers for its own voxels
+            rule = confidence_targets(pair.point, pair.box, this, **(confidence or {}))
+            noisy = rule.noisy.numpy() & ~others
+            union = (this | rule.consensus.numpy()) & ~others
+            noisy_total += int(noisy.sum())
+            union_total += int(union.sum())
+            record["noise_score"] = round(int(noisy.sum()) / max(int(union.sum()), 1), 4)
+        scored.append(record)
+
+    top = sorted(scored, key=lambda r: r["disagreement"], reverse=True)
+    result = {
+        "cross_prompt_disagreement": _mean([r["disagreement"] for r in top[:TOP_TARGETS]]),
+        "cross_prompt_entropy": _mean([r["entropy_bits"] for r in top[:TOP_TARGETS]]),
+        "cross_prompt_worst": top[:WORST_REPORTED],
+        "hot_spot_threshold": round(float(threshold), 4),
+        "liver_reference": liver,
+        "targets": {"label": count, "hot_spot": len(targets) - count},
+    }
+    if label is not None:
+        result["label_noise_score"] = round(noisy_total / union_total, 4) if union_total else 0.0
+        result["label_noise_worst"] = sorted(scored, key=lambda r: r["noise_score"], reverse=True)[:WORST_REPORTED]
+    return result
+
+
+def _mean(values: list[float]) -> float:
+    return round(float(np.mean(values)), 4) if values else 0.0
