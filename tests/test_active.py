@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import multiprocessing
 import os
@@ -28,7 +29,7 @@ from segany_pet.label.datastore import PETDatastore
 from segany_pet.model import load_checkpoint
 from segany_pet.pet import PETVolume, save_nifti
 from segany_pet.phantom import generate_case
-from support import REPO, small_scan
+from support import REPO, free_port, small_scan
 
 DEFAULT_MODEL = REPO / "model" / "segany_pet_small.pt"
 
@@ -125,19 +126,21 @@ def test_a_corrupted_label_scores_noisier_than_the_true_one(predictor):
 
 
 def write_datastore(folder: Path, scans: int, labeled: int = 0) -> Path:
+    """``scans`` small phantoms in ``folder`` (a datastore), the first ``labeled`` with their lesions as label."""
+    folder.mkdir(parents=True, exist_ok=True)
     for index in range(scans):
         volume, lesions, _ = small_scan(index, "fdg" if index % 2 == 0 else "psma")
         save_nifti(volume.suv, volume.affine, folder / f"scan{index}.nii.gz")
         if index < labeled:
-            save_nifti((lesions > 0).astype(np.uint8), volume.affine, folder / f"label{index}.nii.gz")
+            save_nifti((lesions > 0).astype(np.uint8), volume.affine, folder.parent / f"label{index}.nii.gz")
     datastore = PETDatastore(str(folder), extensions=("scan*.nii.gz",))
     for index in range(labeled):
-        datastore.save_label(f"scan{index}", str(folder / f"label{index}.nii.gz"), "final", {})
+        datastore.save_label(f"scan{index}", str(folder.parent / f"label{index}.nii.gz"), "final", {})
     return folder
 
 
 def test_scoring_writes_scores_and_skips_unchanged_scans(tmp_path, predictor):
-    folder = write_datastore(tmp_path, scans=3, labeled=1)
+    folder = write_datastore(tmp_path / "studies", scans=3, labeled=1)
     datastore = PETDatastore(str(folder), extensions=("scan*.nii.gz",))
     key = models_key(DEFAULT_MODEL, None)
     first = score_datastore(datastore, predictor, predictor, key)
@@ -257,14 +260,40 @@ def test_a_server_datastore_sees_another_process_write(tmp_path):
         watching._observer.stop()
 
 
-def test_score_command_writes_scores_and_reports_bad_input(tmp_path):
-    folder = write_datastore(tmp_path, scans=1)
+def test_score_and_audit_commands_write_scores_and_the_report(tmp_path):
+    folder = write_datastore(tmp_path / "studies", scans=1, labeled=1)
     command = [sys.executable, "-m", "segany_pet.cli", "score", str(folder), "--threads", "1"]
     done = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "1 scored" in done.stdout
     info = PETDatastore(str(folder), extensions=("scan*.nii.gz",)).get_image_info("scan0")
-    assert "segany_pet_small.pt" in info["cross_prompt_key"]
+    assert "segany_pet_small.pt" in info["cross_prompt_key"] and "label_noise_score" in info
+    audit = [sys.executable, "-m", "segany_pet.cli", "audit", str(folder), "--out", str(tmp_path / "audit")]
+    done = subprocess.run(audit, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    with open(tmp_path / "audit" / "suspicious_labels.csv") as file:
+        rows = list(csv.DictReader(file))
+    assert [(row["image_id"], row["status"]) for row in rows] == [("scan0", "scored")]
+    assert list((tmp_path / "audit" / "img").glob("*.png"))
+
+
+@pytest.mark.slow
+def test_scoring_shards_over_torchrun_ranks(tmp_path):
+    folder = write_datastore(tmp_path / "studies", scans=2)
+    command = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
+               "--master_addr=127.0.0.1", f"--master_port={free_port()}", "-m", "segany_pet.cli", "score", str(folder),
+               "--threads", "1"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, env={**os.environ,
+                                                                                   "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("1/1 scans (1 scored") == 2  # one scan per rank
+    datastore = PETDatastore(str(folder), extensions=("scan*.nii.gz",))
+    assert all("cross_prompt_disagreement" in datastore.get_image_info(f"scan{i}") for i in range(2))
+
+
+def test_score_command_reports_bad_input(tmp_path):
+    folder = write_datastore(tmp_path / "studies", scans=1)
+    command = [sys.executable, "-m", "segany_pet.cli", "score", str(folder), "--threads", "1"]
     missing = subprocess.run([*command[:4], str(tmp_path / "nowhere")], capture_output=True, text=True, timeout=120)
     assert missing.returncode == 2 and "is not a folder" in missing.stderr
     no_model = subprocess.run([*command, "--model", str(tmp_path / "none.pt")], capture_output=True, text=True,
@@ -289,7 +318,7 @@ def test_threads_in_one_process_lease_each_scan_once(tmp_path):
 
 
 def test_label_file_on_another_grid_is_reported(tmp_path, predictor):
-    folder = write_datastore(tmp_path, scans=1)
+    folder = write_datastore(tmp_path / "studies", scans=1)
     save_nifti(np.zeros((5, 5, 5), np.uint8), np.eye(4), tmp_path / "bad_label.nii.gz")
     datastore = PETDatastore(str(folder), extensions=("scan*.nii.gz",))
     datastore.save_label("scan0", str(tmp_path / "bad_label.nii.gz"), "final", {})
