@@ -3,7 +3,8 @@
 1. A datastore of ``--scans`` tiny images (4^3 voxels: the strategies read scores, not pixels) with random
    cross-prompt scores on every scan and labels on a tenth, served by the app: the median and maximum time of
    ``POST /activelearning/disagreement`` (each request from a new client, so each leases a new scan) and
-   ``label_review``, next to MONAI Label's own ``random`` strategy on the same datastore, and of ``GET /info/``.
+   ``label_review``, next to MONAI Label's own ``random`` strategy on the same datastore, and of ``GET /info/``;
+   and one image-info write through PETDatastore next to MONAI Label's LocalDatastore.
 2. Scoring throughput with the shipped model (``segany-pet score``'s code path, in process): scans per minute
    on 4 mm whole-body phantoms and on autoPET-sized ones (400x400x326), and the projected time for a
    5,731-scan cohort (PETS-5k) on one machine and on N machines (ranks shard the scans; each writes its
@@ -25,6 +26,7 @@ import numpy as np
 import requests
 import torch
 from benchmark_server import start_server  # the same server start as the click benchmark
+from monailabel.datastore.local import LocalDatastore
 
 from segany_pet.active.scoring import models_key, score_datastore, scoring_predictor
 from segany_pet.label.datastore import PETDatastore
@@ -72,6 +74,18 @@ def scale(folder: Path, scans: int, count: int) -> None:
                              "cross_prompt_worst": [{"voxel": [1, 2, 3], "kind": "hot_spot", "disagreement": 0.5}]}
         for index in range(scans)
     })
+    writes = {}
+    for name, kind in (("PETDatastore", PETDatastore), ("MONAI Label's LocalDatastore", LocalDatastore)):
+        store = kind(str(folder), extensions=("*.nii.gz",), auto_reload=False)
+        seconds = []
+        for index in range(5):
+            started = time.perf_counter()
+            store.update_image_info(f"scan{index:05d}", {"benchmark_write": index})
+            seconds.append(time.perf_counter() - started)
+        writes[name] = statistics.median(seconds)
+    ours, theirs = writes.values()
+    print(f"one image-info update at {scans} scans (median of 5): PETDatastore {1000 * ours:.0f} ms, MONAI Label's "
+          f"LocalDatastore {1000 * theirs:.0f} ms ({theirs / ours:.1f}x)")
     log = folder.parent / "server.log"
     process, url, start_seconds = start_server(folder, log)
     try:
