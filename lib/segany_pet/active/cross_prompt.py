@@ -123,8 +123,10 @@ def liver_reference(volume: PETVolume) -> dict | None:
     window). Checked against the phantoms' known liver uptake, FDG and PSMA (tests/test_active.py).
     """
     suv, spacing = volume.suv, volume.spacing
-    step = [max(1, int(round(3.0 / s))) for s in spacing]  # ~3 mm is fine enough for a 3 cm window
-    coarse = suv[:: step[0], :: step[1], :: step[2]].astype(np.float64)
+    # Voxels of 3 mm or more are fine enough for a 3 cm window: an autoPET grid (2 x 2 x 3 mm) is filtered at
+    # 4 x 4 x 3 mm, a quarter of the work. float32: a liver's variance is ~1e5 times float32's resolution.
+    step = [max(1, int(np.ceil(3.0 / s - 1e-6))) for s in spacing]
+    coarse = suv[:: step[0], :: step[1], :: step[2]].astype(np.float32)
     coarse_spacing = [s * k for s, k in zip(spacing, step, strict=True)]
     size = [max(3, int(round(LIVER_WINDOW_MM / s)) | 1) for s in coarse_spacing]
     mean = ndimage.uniform_filter(coarse, size, mode="nearest")
@@ -175,10 +177,14 @@ def hot_spots(volume: PETVolume, threshold: float, exclude: np.ndarray | None = 
     regions, count = ndimage.label(above, structure=LESION_CONNECTIVITY)
     if count == 0:
         return []
-    peaks = ndimage.maximum_position(volume.suv, regions, np.arange(1, count + 1))
-    values = volume.suv[tuple(np.asarray(peaks).T)]
-    order = np.argsort(-values, kind="stable")[:limit]
-    return [[int(v) for v in peaks[i]] for i in order]
+    # Each region's hottest voxel by one sort of the voxels above the threshold (ndimage.maximum_position
+    # took 20 s on an autoPET grid whose noise leaves thousands of small regions).
+    where = np.flatnonzero(regions)
+    region_of, values = regions.ravel()[where], volume.suv.ravel()[where]
+    order = np.lexsort((-values, region_of))
+    first = order[np.r_[True, np.diff(region_of[order]) != 0]]  # the hottest voxel of each region
+    hottest = first[np.argsort(-values[first], kind="stable")][:limit]
+    return [[int(v) for v in np.unravel_index(where[i], volume.shape)] for i in hottest]
 
 
 # ----------------------------------------------------------------------------------------------
