@@ -132,10 +132,10 @@ class PETDatastore(LocalDatastore):
         """Choose and lease an image in one transaction, so two annotators asking at once get different ones.
 
         ``rank(image_id, record)`` -> a sort key (higher first) for images the strategy may serve, None for
-        the others. Images leased to another client within the last ``lease_seconds`` are skipped; this
-        client's own earlier lease under ``strategy`` ends (asking for the next image means leaving that one),
-        and that image is not served again at once. The lease (``client_id``, ``strategy``, ``until``) is kept
-        in the image's info. Returns (image id, its info) or None when no image qualifies.
+        the others. Images under another client's unexpired lease are skipped; this client's own earlier lease
+        under ``strategy`` ends (asking for the next image means leaving that one), and that image is not
+        served again at once. The new lease (``client_id``, ``strategy``, ``until`` = now + ``lease_seconds``) is
+        kept in the image's info. Returns (image id, its info) or None when no image qualifies.
         """
         now = time.time()
         with self._transaction():
@@ -160,4 +160,3 @@ class PETDatastore(LocalDatastore):
             info["lease"] = {"client_id": client_id, "strategy": strategy, "until": now + lease_seconds,
                              "since": now, "previous": previous}
             return chosen, dict(info)
-
