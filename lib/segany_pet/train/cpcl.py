@@ -304,4 +304,3 @@ def noise_report(point_model: Sam3D, box_model: Sam3D, cases: list[TrainingCase]
         box.clear_cache()
     results.sort(key=lambda r: r["noise_score"], reverse=True)
     return {"cases": results}
-
