@@ -8,11 +8,13 @@
     segany-pet evaluate --model FILE --cohort DIR --out DIR [--clicks 5]
     segany-pet score STUDIES [--model FILE] [--box-model FILE] [--force]     (also under torchrun)
     segany-pet audit STUDIES --out DIR [--top 20]
+    segany-pet suv DICOM_DIR OUT.nii.gz [--norm bw|lbm|bsa]     (one PET DICOM series -> SUV NIfTI, QIBA rules)
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
@@ -141,6 +143,29 @@ def _audit(args) -> int:
     return 0
 
 
+def _suv(args) -> int:
+    from segany_pet.pet import read_pet_series, save_nifti
+
+    out = Path(args.out)
+    if not out.name.endswith((".nii", ".nii.gz")):
+        raise UserInputError(f"{out}: the SUV image is written as NIfTI, give a name ending in .nii.gz")
+    volume = read_pet_series(args.dicom_dir, norm=args.norm)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_nifti(volume.suv, volume.affine, out)
+    # How the SUVs were computed travels with them: the factor, every header input, the warnings.
+    sidecar = out.with_name(out.name.removesuffix(".gz").removesuffix(".nii") + ".json")
+    sidecar.write_text(json.dumps(volume.meta, indent=1, default=str))
+    conversion = volume.meta["suv_conversion"]
+    source = f", decay to {conversion['scan_time_source']}" if conversion["scan_time_source"] else ""
+    print(f"wrote {out}: {'x'.join(map(str, volume.shape))} voxels of "
+          f"{'x'.join(f'{mm:.4g}' for mm in volume.spacing)} mm; SUV{args.norm} factor {volume.meta['suv_factor']:.8g} "
+          f"per rescaled pixel value (Units {conversion['units']}, DecayCorrection "
+          f"{conversion['decay_correction']}{source}); conversion record {sidecar}")
+    for warning in volume.meta["warnings"]:
+        print(f"warning: {warning}", file=sys.stderr)
+    return 0
+
+
 def _datastore_and_models(args):
     """The datastore of STUDIES and the models the server would score it with (or --model / --box-model)."""
     from segany_pet.label.activelearning import box_replica_path
@@ -237,6 +262,13 @@ def main(argv: list[str] | None = None) -> int:
     audit.add_argument("--top", type=int, default=20, help="labels shown with figures")
     audit.add_argument("--no-models", action="store_true", help="draw the stored labels only (no consensus)")
     audit.set_defaults(run=_audit)
+
+    suv = commands.add_parser("suv", help="convert one PET DICOM series to an SUV NIfTI (QIBA vendor-neutral rules)")
+    suv.add_argument("dicom_dir", help="folder holding one PET series (searched recursively)")
+    suv.add_argument("out", help="output SUV image, .nii.gz")
+    suv.add_argument("--norm", choices=["bw", "lbm", "bsa"], default="bw",
+                     help="body weight (SUVbw), lean body mass (SUL) or body surface area (SUVbsa)")
+    suv.set_defaults(run=_suv)
 
     for server in (serve, demo):
         server.add_argument("--port", type=int, default=8000)

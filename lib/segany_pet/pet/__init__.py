@@ -1,6 +1,18 @@
-"""PET volumes and their quantification."""
+"""PET volumes (NIfTI, DICOM series converted to SUV) and their quantification."""
 
+from segany_pet.pet.dicom import SUVConversion, read_pet_series, suv_conversion
 from segany_pet.pet.quantify import label_lesions, quantify
 from segany_pet.pet.volume import PETVolume, VolumeCache, load_nifti, save_mask, save_nifti
 
-__all__ = ["PETVolume", "VolumeCache", "label_lesions", "load_nifti", "quantify", "save_mask", "save_nifti"]
+__all__ = [
+    "PETVolume",
+    "SUVConversion",
+    "VolumeCache",
+    "label_lesions",
+    "load_nifti",
+    "quantify",
+    "read_pet_series",
+    "save_mask",
+    "save_nifti",
+    "suv_conversion",
+]
