@@ -132,11 +132,16 @@ def train_under_torchrun(folder: Path, config, records: list[dict]) -> list[dict
     return [json.loads((folder / f"rank{rank}.json").read_text()) for rank in (0, 1)]
 
 
-def small_scan(seed: int, tracer: str = "fdg", size=(56, 56, 72)):
-    """A phantom cut down around its largest lesion (4 mm grid): (volume, lesion instances, case info)."""
+def small_scan(seed: int, tracer: str = "fdg", size=(56, 56, 72), lesion: int | None = None):
+    """A 4 mm phantom cut down to ``size`` around its largest lesion (or its lesion number ``lesion``):
+    (volume, lesion instances, case info). The affine's origin moves to the crop's first voxel, so world
+    positions stay those of the whole phantom."""
     case = generate_case(seed, tracer, "4mm", negative=False)
-    biggest = max(case.info["lesions"], key=lambda lesion: lesion["volume_ml"])
-    centre = np.argwhere(case.lesions == biggest["id"]).mean(axis=0).round().astype(int)
+    if lesion is None:
+        chosen = max(case.info["lesions"], key=lambda record: record["volume_ml"])
+        centre = np.argwhere(case.lesions == chosen["id"]).mean(axis=0).round().astype(int)
+    else:
+        centre = case.info["lesions"][lesion]["centre_voxel"]
     start = [int(np.clip(c - n // 2, 0, s - n)) for c, n, s in zip(centre, size, case.suv.shape, strict=True)]
     box = tuple(slice(a, a + n) for a, n in zip(start, size, strict=True))
     affine = case.affine.copy()

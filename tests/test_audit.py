@@ -16,25 +16,12 @@ from segany_pet.errors import UserInputError
 from segany_pet.label.datastore import PETDatastore
 from segany_pet.model import load_checkpoint
 from segany_pet.pet import save_nifti
-from segany_pet.phantom import generate_case
 from segany_pet.predictor import Predictor
-from support import REPO
+from support import REPO, small_scan
 
 # Crops of 4 mm phantoms around a lesion with no hot organ inside: (seed, lesion index), few targets to score.
 CROPS = {"clean_a": (5, 1), "over&<b>": (6, 2), "clean_c": (11, 1)}
 CROP_SIZE = (48, 48, 64)
-
-
-def cropped_case(seed: int, lesion_index: int):
-    """(SUV, lesion instance map, affine) of a phantom cut to CROP_SIZE around one lesion; the affine's origin
-    moves to the crop's first voxel so world positions stay those of the whole phantom."""
-    case = generate_case(seed, "fdg", "4mm", negative=False)
-    centre = case.info["lesions"][lesion_index]["centre_voxel"]
-    start = [int(np.clip(c - n // 2, 0, s - n)) for c, n, s in zip(centre, CROP_SIZE, case.suv.shape, strict=True)]
-    box = tuple(slice(a, a + n) for a, n in zip(start, CROP_SIZE, strict=True))
-    affine = case.affine.copy()
-    affine[:3, 3] = case.affine[:3, :3] @ start + case.affine[:3, 3]
-    return case.suv[box].copy(), case.lesions[box].copy(), affine
 
 
 def add_labeled(datastore: PETDatastore, folder: Path, image_id: str, suv, label, affine, quality: str) -> None:
@@ -57,7 +44,10 @@ def datastore(tmp_path_factory, predictor) -> PETDatastore:
     root = tmp_path_factory.mktemp("audit")
     (root / "studies").mkdir()
     store = PETDatastore(str(root / "studies"), auto_reload=False)
-    cases = {image_id: cropped_case(*crop) for image_id, crop in CROPS.items()}
+    cases = {}
+    for image_id, (seed, lesion) in CROPS.items():
+        volume, lesions, _ = small_scan(seed, "fdg", CROP_SIZE, lesion)
+        cases[image_id] = volume.suv, lesions, volume.affine
     for image_id, (suv, lesions, affine) in cases.items():
         label = ndimage.binary_dilation(lesions > 0, iterations=2) if image_id == "over&<b>" else lesions > 0
         add_labeled(store, root, image_id, suv, label, affine, "low" if image_id == "over&<b>" else "high")
