@@ -2,6 +2,7 @@
 
 import logging
 import os
+import threading
 from pathlib import Path
 
 from monailabel.config import settings
@@ -13,6 +14,8 @@ import segany_pet
 from segany_pet.errors import UnknownImageError
 from segany_pet.label.activelearning import CrossPromptScoring, disagreement_strategy, label_review_strategy
 from segany_pet.label.datastore import PETDatastore
+from segany_pet.label.dicom_studies import import_dicom_series
+from segany_pet.label.dicom_studies import summary as dicom_import_summary
 from segany_pet.label.infer import LESION_LABELS, AnnotationSessions, PromptableSegmentationInfer, SUVThresholdInfer
 from segany_pet.label.models import PROMPTABLE, STATE_DIR, served_model_for
 from segany_pet.label.train import PromptableTrainTask
@@ -32,6 +35,9 @@ class SegAnyPETApp(MONAILabelApp):
     - ``lease_minutes``: how long a scan served by ``disagreement`` / ``label_review`` stays with its
       annotator (30).
 
+    Folders of DICOM PET series in a local studies folder are converted to SUV once, in the background, and
+    served beside the NIfTI images (``segany_pet.label.dicom_studies``; /info ``dicom_import`` lists refusals).
+
     Scoring (``POST /scoring/cross_prompt``) runs only when asked: MONAI Label's habit of rescoring after every
     served sample and saved label would start a cohort-wide job each time.
 
@@ -43,8 +49,8 @@ class SegAnyPETApp(MONAILabelApp):
     def __init__(self, app_dir, studies, conf):
         self.volumes = VolumeCache(capacity=int(conf.get("volume_cache", 4)))
         self.sessions = AnnotationSessions(capacity=int(conf.get("sessions", 64)))
-        local = not studies.startswith(("http://", "https://"))
-        self.state_dir = Path(studies) / STATE_DIR if local else Path(app_dir) / STATE_DIR
+        self.local = not studies.startswith(("http://", "https://"))
+        self.state_dir = Path(studies) / STATE_DIR if self.local else Path(app_dir) / STATE_DIR
         self.served_model = served_model_for(self.state_dir, conf.get("model"), conf.get("inference_dtype"))
         super().__init__(
             app_dir=app_dir,
@@ -58,7 +64,7 @@ class SegAnyPETApp(MONAILabelApp):
         self._auto_update_scoring = False
 
     def init_datastore(self):
-        if self.studies.startswith(("http://", "https://")):
+        if not self.local:
             return super().init_datastore()
         # Only NIfTI: MONAI Label's default list (PNG, SVS, ...) would show files no task can read. Writes from
         # the server and its training subprocesses must not overwrite each other: PETDatastore.
@@ -111,12 +117,23 @@ class SegAnyPETApp(MONAILabelApp):
             serve_leased_strategies,
         )
 
+        if self.local:
+            # DICOM PET series in the studies folder become SUV images; in the background, so the server answers
+            # at once and each series appears as soon as it is converted (once: later starts skip it).
+            threading.Thread(target=import_dicom_series, name="DICOM import", daemon=True,
+                             args=(self.datastore(), self.studies, self.state_dir)).start()
         install_error_handlers(fastapi_app)
         serve_infer_off_the_event_loop(fastapi_app)
         check_and_stop_training(fastapi_app, self._trainers, self.datastore())
         check_scoring_requests(fastapi_app, self._scoring_methods, self.datastore())
         serve_leased_strategies(fastapi_app, self, {"disagreement", "label_review"})
         self.served_model.start_loading()
+
+    def info(self):
+        info = super().info()
+        if self.local:
+            info["dicom_import"] = dicom_import_summary(self.state_dir)
+        return info
 
     def infer(self, request, datastore=None):
         image = request.get("image")

@@ -1,0 +1,129 @@
+"""DICOM PET series as studies of the local datastore: each series converted to SUV once, then served as NIfTI.
+
+A studies folder may hold folders of DICOM PET series, at any depth, beside NIfTI images. Every folder with
+DICOM files directly in it is one series. `import_dicom_series` converts each with the QIBA rules
+(`segany_pet.pet.read_pet_series`) and adds the result to the datastore as ``<id>.nii.gz``, where the id is the
+folder's path under the studies folder with ``__`` between its parts (``patient01/PET_WB`` ->
+``patient01__PET_WB``), and the conversion record (factor, header inputs, warnings, series UIDs) in the image's
+info. Raw Bq/mL never reaches a model.
+
+Converted once: ``.segany_pet/dicom_import.json`` records per folder the stamp of its files (count, newest
+modification) and the outcome; a series is converted again only when its files change. A series that cannot be
+converted (no decay correction, a missing slice, not PET, ...) is listed there with the reason and logged; it is
+never half-added (the NIfTI is written aside, then added in one datastore transaction).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+from filelock import FileLock
+
+from segany_pet.errors import UserInputError
+from segany_pet.pet import read_pet_series, save_nifti
+
+logger = logging.getLogger(__name__)
+
+REPORT = "dicom_import.json"
+ID_SEPARATOR = "__"
+DICOM_PREAMBLE = 128  # bytes before the "DICM" prefix of a DICOM Part 10 file
+SKIPPED_FOLDERS = {"labels", "logs"}  # MONAI Label's own folders inside a local datastore
+
+
+def is_dicom_file(path: Path) -> bool:
+    try:
+        with open(path, "rb") as file:
+            file.seek(DICOM_PREAMBLE)
+            return file.read(4) == b"DICM"
+    except OSError:
+        return False
+
+
+def series_folders(studies: Path) -> list[Path]:
+    """Folders under ``studies`` holding DICOM files directly (hidden folders and MONAI Label's own skipped)."""
+    found = []
+    for folder, subfolders, files in os.walk(studies):
+        subfolders[:] = sorted(d for d in subfolders if not d.startswith(".") and d not in SKIPPED_FOLDERS)
+        if Path(folder) != studies and any(is_dicom_file(Path(folder) / name) for name in files):
+            found.append(Path(folder))
+    return found
+
+
+def folder_stamp(folder: Path) -> str:
+    """What changes when a series' files change: their count and newest modification time."""
+    stats = [entry.stat() for entry in os.scandir(folder) if entry.is_file()]
+    return f"{len(stats)}:{max((s.st_mtime_ns for s in stats), default=0)}"
+
+
+def series_id(folder: Path, studies: Path) -> str:
+    return ID_SEPARATOR.join(folder.relative_to(studies).parts)
+
+
+def import_dicom_series(datastore, studies: str | os.PathLike, state_dir: str | os.PathLike,
+                        on_progress: Callable[[dict], None] | None = None) -> dict:
+    """Convert every new or changed DICOM PET series under ``studies`` and add it to ``datastore`` (a
+    PETDatastore of that folder). Returns the report: ``{folder: {"id", "stamp", "status", ...}}``."""
+    studies, state_dir = Path(studies), Path(state_dir)
+    state_dir.mkdir(parents=True, exist_ok=True)
+    report_path = state_dir / REPORT
+    with FileLock(str(report_path) + ".lock"):  # one converting process at a time (server, jobs, a second server)
+        report = _read_report(report_path)
+        folders = series_folders(studies)
+        for done, folder in enumerate(folders, start=1):
+            key = str(folder.relative_to(studies))
+            image_id, stamp = series_id(folder, studies), folder_stamp(folder)
+            previous = report.get(key, {})
+            if previous.get("stamp") == stamp and (previous.get("status") == "error"
+                                                   or datastore.get_image_uri(image_id)):
+                continue
+            report[key] = _convert(datastore, folder, image_id, stamp)
+            _write_report(report_path, report)
+            if on_progress is not None:
+                on_progress({"done": done, "total": len(folders), "folder": key, **report[key]})
+    return report
+
+
+def _convert(datastore, folder: Path, image_id: str, stamp: str) -> dict:
+    record = {"id": image_id, "stamp": stamp}
+    try:
+        volume = read_pet_series(folder)
+    except UserInputError as exc:
+        logger.warning("DICOM series %s not added: %s", folder, exc)
+        return {**record, "status": "error", "message": str(exc)}
+    info = {"source": "dicom", "dicom_folder": str(folder), **{k: volume.meta[k] for k in (
+        "series", "suv_norm", "suv_factor", "suv_conversion", "warnings")}}
+    with tempfile.TemporaryDirectory() as scratch:
+        converted = Path(scratch) / f"{image_id}.nii.gz"
+        save_nifti(volume.suv, volume.affine, converted)
+        datastore.add_image(image_id, str(converted), info)
+    for warning in volume.meta["warnings"]:
+        logger.warning("DICOM series %s: %s", folder, warning)
+    logger.info("DICOM series %s added as %s (SUV factor %.6g)", folder, image_id, volume.meta["suv_factor"])
+    return {**record, "status": "converted", "series_uid": volume.meta["series"]["SeriesInstanceUID"],
+            "suv_factor": volume.meta["suv_factor"], "warnings": volume.meta["warnings"]}
+
+
+def summary(state_dir: str | os.PathLike) -> dict:
+    """For /info: counts of converted and refused series, and why each refused one was."""
+    report = _read_report(Path(state_dir) / REPORT)
+    errors = {folder: record["message"] for folder, record in report.items() if record.get("status") == "error"}
+    return {"converted": sum(record.get("status") == "converted" for record in report.values()),
+            "refused": errors}
+
+
+def _read_report(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return {}
+
+
+def _write_report(path: Path, report: dict) -> None:
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(report, indent=1, default=str))
+    os.replace(partial, path)
