@@ -6,6 +6,7 @@ import contextlib
 import io
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -158,3 +159,44 @@ def wait_for(condition, timeout=300, what="condition"):
             return value
         time.sleep(0.5)
     pytest.fail(f"timed out after {timeout} s waiting for {what}")
+
+
+@contextlib.contextmanager
+def running_orthanc(folder: Path) -> Iterator[str]:
+    """Debian's Orthanc with its DICOMweb plugin on 127.0.0.1, configured here (remote access, DIMSE and
+    authentication off; storage in ``folder``); yields its URL. Skips the test when Orthanc is not installed."""
+    executable = shutil.which("Orthanc") or shutil.which("Orthanc", path="/usr/sbin")
+    plugin = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
+    if executable is None or not plugin.exists():
+        pytest.skip("Orthanc with its DICOMweb plugin is not installed (scripts/setup.sh installs it)")
+    port = free_port()
+    config = {"Name": "segany-pet-test", "HttpPort": port, "RemoteAccessAllowed": False,
+              "AuthenticationEnabled": False, "DicomServerEnabled": False, "StorageDirectory": str(folder / "db"),
+              "IndexDirectory": str(folder / "db"), "Plugins": [str(plugin)],
+              "DicomWeb": {"Enable": True, "Root": "/dicom-web/"}}
+    (folder / "orthanc.json").write_text(json.dumps(config))
+    with open(folder / "orthanc.log", "w") as log:
+        process = subprocess.Popen([executable, str(folder / "orthanc.json")], stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(lambda: process.poll() is not None or _answers(f"{url}/system"), timeout=30, what="Orthanc")
+        if process.poll() is not None:
+            pytest.fail(f"Orthanc exited:\n{(folder / 'orthanc.log').read_text()[-3000:]}")
+        yield url
+    finally:
+        process.terminate()
+        process.wait(timeout=20)
+
+
+def _answers(url: str) -> bool:
+    try:
+        return requests.get(url, timeout=2).status_code == 200
+    except requests.ConnectionError:
+        return False
+
+
+def upload_to_orthanc(url: str, files) -> None:
+    for path in files:
+        response = requests.post(f"{url}/instances", data=Path(path).read_bytes(),
+                                 headers={"Content-Type": "application/dicom"}, timeout=30)
+        assert response.status_code == 200, response.text

@@ -16,6 +16,7 @@ from segany_pet.label.activelearning import CrossPromptScoring, disagreement_str
 from segany_pet.label.datastore import PETDatastore
 from segany_pet.label.dicom_studies import import_dicom_series
 from segany_pet.label.dicom_studies import summary as dicom_import_summary
+from segany_pet.label.dicomweb import PETDICOMWebDatastore, dicomweb_client
 from segany_pet.label.infer import LESION_LABELS, AnnotationSessions, PromptableSegmentationInfer, SUVThresholdInfer
 from segany_pet.label.models import PROMPTABLE, STATE_DIR, served_model_for
 from segany_pet.label.train import PromptableTrainTask
@@ -65,7 +66,8 @@ class SegAnyPETApp(MONAILabelApp):
 
     def init_datastore(self):
         if not self.local:
-            return super().init_datastore()
+            # MONAI Label's own would download dcmqi from the internet, list CT only and leave Bq/mL.
+            return PETDICOMWebDatastore(dicomweb_client(self.studies), cache_path=self.state_dir / "dicomweb")
         # Only NIfTI: MONAI Label's default list (PNG, SVS, ...) would show files no task can read. Writes from
         # the server and its training subprocesses must not overwrite each other: PETDatastore.
         return PETDatastore(

@@ -1,0 +1,107 @@
+"""A real Orthanc as the app's datastore: PET series listed and served in SUV, a final label back as DICOM-SEG
+referencing the PET series on the same geometry, a PACS that cannot be reached answered clearly."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import nibabel as nib
+import numpy as np
+import pydicom
+import pydicom_seg
+import pytest
+import requests
+
+from segany_pet.pet import save_nifti
+from segany_pet.phantom.dicom import write_pet_series
+from support import free_port, running_orthanc, running_server, small_scan, upload_to_orthanc
+
+pytestmark = [pytest.mark.server, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def pacs(tmp_path_factory):
+    """Orthanc holding one PET series (and nothing else): (URL, series UID, the SUV volume written)."""
+    folder = tmp_path_factory.mktemp("orthanc")
+    volume, lesions, _ = small_scan(7, "fdg", size=(40, 36, 30))
+    series_uid = pydicom.uid.generate_uid()
+    files = write_pet_series(volume.suv, volume.affine, folder / "series", series_uid=series_uid)
+    with running_orthanc(folder) as url:
+        upload_to_orthanc(url, files)
+        yield url, series_uid, volume, lesions
+
+
+@pytest.fixture(scope="module")
+def server(pacs, tmp_path_factory):
+    url, *_ = pacs
+    with running_server(f"{url}/dicom-web", [], tmp_path_factory.mktemp("dicomweb_server")) as server_url:
+        yield server_url
+
+
+def test_pet_series_are_listed_and_served_in_suv(pacs, server):
+    _, series_uid, volume, lesions = pacs
+    assert requests.get(f"{server}/datastore/", timeout=60).json()["total"] == 1  # the PT series
+    hottest = np.unravel_index(np.argmax(np.where(lesions > 0, volume.suv, 0)), volume.shape)
+    params = {"foreground": [[int(v) for v in hottest]], "background": []}
+    response = requests.post(f"{server}/infer/suv_threshold", params={"image": series_uid, "output": "json"},
+                             data={"params": json.dumps(params)}, timeout=120)
+    assert response.status_code == 200, response.text
+    # SUV, not Bq/mL (thousands): the lesion's SUVmax within the int16 storage precision.
+    suvmax = response.json()["quantification"]["total"]["suvmax"]
+    assert 0.99 * volume.suv[hottest] <= suvmax <= 1.01 * volume.suv.max()
+    info = requests.get(f"{server}/datastore/image/info", params={"image": series_uid}, timeout=30).json()
+    assert info["source"] == "dicomweb" and info["suv_conversion"]["units"] == "BQML"
+
+
+def served_image(server: str, series_uid: str, folder) -> nib.Nifti1Image:
+    response = requests.get(f"{server}/datastore/image", params={"image": series_uid}, timeout=60)
+    assert response.status_code == 200, response.text
+    (folder / "served.nii.gz").write_bytes(response.content)
+    return nib.load(folder / "served.nii.gz")
+
+
+def orthanc_instance(url: str, series_uid: str) -> pydicom.Dataset:
+    """The (first) instance of a series, fetched through Orthanc's own REST API."""
+    found = requests.post(f"{url}/tools/find", json={"Level": "Instance", "Query": {"SeriesInstanceUID": series_uid}},
+                          timeout=30).json()
+    content = requests.get(f"{url}/instances/{found[0]}/file", timeout=30).content
+    return pydicom.dcmread(io.BytesIO(content))
+
+
+def test_a_final_label_is_stored_as_dicom_seg_on_the_pet_geometry(pacs, server, tmp_path):
+    url, series_uid, _, _ = pacs
+    served = served_image(server, series_uid, tmp_path)
+    label = np.zeros(served.shape, np.uint8)
+    label[10:14, 12:15, 8:11] = 1
+    save_nifti(label, served.affine, tmp_path / "label.nii.gz")
+    with open(tmp_path / "label.nii.gz", "rb") as file:
+        response = requests.put(f"{server}/datastore/label", params={"image": series_uid, "tag": "final"},
+                                files={"label": file}, timeout=120,
+                                data={"params": json.dumps({"label_info": [{"name": "lesion", "idx": 1}]})})
+    assert response.status_code == 200, response.text
+
+    segs = requests.get(f"{url}/dicom-web/series", params={"Modality": "SEG"}, timeout=30).json()
+    assert len(segs) == 1
+    seg = orthanc_instance(url, segs[0]["0020000E"]["Value"][0])
+    assert [str(item.SeriesInstanceUID) for item in seg.ReferencedSeriesSequence] == [series_uid]
+    result = pydicom_seg.MultiClassReader().read(seg)
+    # The SEG's voxels sit where the label's did, in world millimetres (LPS).
+    seg_voxels = np.argwhere(result.data > 0)[:, ::-1]  # (x, y, z) indices of the SEG's own grid
+    seg_world = np.asarray(result.origin) + (seg_voxels * np.asarray(result.spacing)) @ np.asarray(
+        result.direction).T
+    label_world = nib.affines.apply_affine(served.affine, np.argwhere(label > 0)) * [-1, -1, 1]  # RAS -> LPS
+    assert len(seg_world) == len(label_world) == 36
+    np.testing.assert_allclose(np.sort(seg_world, axis=0), np.sort(label_world, axis=0), atol=1e-3)
+    assert requests.get(f"{server}/datastore/", timeout=60).json()["completed"] == 1
+
+
+def test_an_unreachable_pacs_is_a_clear_error_and_the_server_keeps_answering(tmp_path):
+    dead = f"http://127.0.0.1:{free_port()}/dicom-web"
+    with running_server(dead, [], tmp_path) as server_url:
+        status = requests.get(f"{server_url}/info/", timeout=30).json()["datastore"]
+        assert "cannot be reached" in status["error"]
+        params = {"foreground": [[1, 1, 1]]}
+        response = requests.post(f"{server_url}/infer/suv_threshold", params={"image": "1.2.3", "output": "json"},
+                                 data={"params": json.dumps(params)}, timeout=60)
+        assert response.status_code == 502 and "cannot be reached" in response.json()["detail"]
