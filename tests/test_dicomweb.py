@@ -35,7 +35,8 @@ def pacs(tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(pacs, tmp_path_factory):
     url, *_ = pacs
-    with running_server(f"{url}/dicom-web", [], tmp_path_factory.mktemp("dicomweb_server")) as server_url:
+    folder = tmp_path_factory.mktemp("dicomweb_server")
+    with running_server(f"{url}/dicom-web", [("dicomweb_cache", folder / "cache")], folder) as server_url:
         yield server_url
 
 
@@ -98,7 +99,7 @@ def test_a_final_label_is_stored_as_dicom_seg_on_the_pet_geometry(pacs, server, 
 
 def test_an_unreachable_pacs_is_a_clear_error_and_the_server_keeps_answering(tmp_path):
     dead = f"http://127.0.0.1:{free_port()}/dicom-web"
-    with running_server(dead, [], tmp_path) as server_url:
+    with running_server(dead, [("dicomweb_cache", tmp_path / "cache")], tmp_path) as server_url:
         status = requests.get(f"{server_url}/info/", timeout=30).json()["datastore"]
         assert "cannot be reached" in status["error"]
         params = {"foreground": [[1, 1, 1]]}

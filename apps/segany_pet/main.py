@@ -34,7 +34,9 @@ class SegAnyPETApp(MONAILabelApp):
     - ``threshold_method``: default of ``suv_threshold`` (relative_41, relative_50, fixed_2.5, fixed_4.0);
     - ``volume_cache``: scans kept in memory (4); ``sessions``: annotator sessions kept (64);
     - ``lease_minutes``: how long a scan served by ``disagreement`` / ``label_review`` stays with its
-      annotator (30).
+      annotator (30);
+    - ``dicomweb_cache``: with a DICOMweb studies URL, where converted series, labels and scores are kept
+      (default ``.segany_pet/dicomweb`` in the app folder).
 
     Folders of DICOM PET series in a local studies folder are converted to SUV once, in the background, and
     served beside the NIfTI images (``segany_pet.label.dicom_studies``; /info ``dicom_import`` lists refusals).
@@ -67,7 +69,8 @@ class SegAnyPETApp(MONAILabelApp):
     def init_datastore(self):
         if not self.local:
             # MONAI Label's own would download dcmqi from the internet, list CT only and leave Bq/mL.
-            return PETDICOMWebDatastore(dicomweb_client(self.studies), cache_path=self.state_dir / "dicomweb")
+            cache = self.conf.get("dicomweb_cache") or self.state_dir / "dicomweb"
+            return PETDICOMWebDatastore(dicomweb_client(self.studies), cache_path=cache)
         # Only NIfTI: MONAI Label's default list (PNG, SVS, ...) would show files no task can read. Writes from
         # the server and its training subprocesses must not overwrite each other: PETDatastore.
         return PETDatastore(
