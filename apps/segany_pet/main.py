@@ -62,7 +62,7 @@ class SegAnyPETApp(MONAILabelApp):
             name="SegAnyPET Label",
             description="Promptable 3D segmentation of whole-body PET (FDG, PSMA)",
             version=segany_pet.__version__,
-            labels=LESION_LABELS,
+            labels=list(LESION_LABELS),  # a list: OHIF's MONAI Label panel appends the models' labels to it
         )
         self._auto_update_scoring = False
 

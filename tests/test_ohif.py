@@ -1,0 +1,82 @@
+"""OHIF v3, as MONAI Label bundles it, in headless Chromium: a PET study from Orthanc, the MONAI Label panel
+connected to this server, a click on the scan under Point Prompts, and the 3D SAM's mask back in the viewer."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from urllib.parse import parse_qs
+
+import pydicom
+import pytest
+
+from segany_pet.phantom.dicom import write_pet_series
+from support import read_nrrd, running_orthanc, running_server, small_scan, upload_to_orthanc
+
+pytestmark = [pytest.mark.server, pytest.mark.slow]
+
+CHROMIUM = "/usr/bin/chromium"
+# Headless, offline, no first-run or background traffic (see the MONAI Label reference notes).
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+def form_params(post_data: bytes) -> dict:
+    """The ``params`` field of OHIF's multipart infer request."""
+    text = post_data.decode("utf-8", errors="replace")
+    if "name=\"params\"" in text:
+        part = text.split('name="params"', 1)[1].split("\r\n\r\n", 1)[1]
+        return json.loads(part.split("\r\n--", 1)[0])
+    return json.loads(parse_qs(text)["params"][0])
+
+
+def test_a_click_in_ohif_returns_a_mask_into_the_viewer(tmp_path):
+    sync_api = pytest.importorskip("playwright.sync_api")
+    if not Path(CHROMIUM).exists() or shutil.which("Orthanc", path="/usr/sbin") is None:
+        pytest.skip("Debian's chromium and orthanc are needed (scripts/setup.sh installs them)")
+    volume, _, _ = small_scan(7, "fdg", size=(64, 64, 48))
+    study_uid = pydicom.uid.generate_uid()
+    files = write_pet_series(volume.suv, volume.affine, tmp_path / "series", study_uid=study_uid)
+    with running_orthanc(tmp_path) as pacs:
+        upload_to_orthanc(pacs, files)
+        conf = [("dicomweb_cache", tmp_path / "cache")]
+        with running_server(f"{pacs}/dicom-web", conf, tmp_path) as server, sync_api.sync_playwright() as driver:
+            browser = driver.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+            try:
+                page = browser.new_page(viewport={"width": 1400, "height": 900})
+                page.goto(f"{server}/ohif/monai-label?StudyInstanceUIDs={study_uid}")
+                page.locator("canvas.cornerstone-canvas").first.wait_for(timeout=60_000)
+                page.wait_for_timeout(3000)  # the volume streams in
+                banner = page.get_by_text("Confirm and Hide")
+                if banner.count():
+                    banner.click()
+                page.fill("#monailabelServerURL", f"{server}/")
+                with page.expect_response(lambda r: r.url.startswith(f"{server}/info"), timeout=60_000) as info:
+                    page.locator(".settingsTable button.actionButton").first.click()
+                assert info.value.status == 200
+                page.locator("label.tab-label", has_text="Point Prompts").click()
+                page.locator("td:text-is('lesion')").first.click()
+                canvas = page.locator("canvas.cornerstone-canvas").first
+                box = canvas.bounding_box()
+                middle = {"x": box["width"] / 2, "y": box["height"] / 2}
+                canvas.click(position=middle)  # the first click on an inactive viewport only activates it
+                page.wait_for_timeout(500)
+                canvas.click(position=middle)
+                page.wait_for_timeout(500)
+                with page.expect_response(lambda r: "/infer/" in r.url, timeout=180_000) as inferred:
+                    page.locator("button[title='Run PointPrompts']").click()
+                response = inferred.value
+                assert response.status == 200, response.text()
+                assert "/infer/segany_pet?" in response.url
+                params = form_params(response.request.post_data_buffer)
+                assert len(params["foreground"]) >= 1 and params["result_extension"] == ".nrrd"
+                _, mask = read_nrrd(response.body())
+                click = params["foreground"][-1]
+                print(f"OHIF click at voxel {click}: mask of {int(mask.sum())} voxels")
+                assert mask.shape == volume.shape and mask[tuple(click)] > 0  # the clicked object, on the PET grid
+                page.wait_for_timeout(3000)  # the viewer draws the labelmap
+                page.screenshot(path=tmp_path / "ohif_point_prompt.png")
+                print(f"screenshot: {tmp_path / 'ohif_point_prompt.png'}")
+            finally:
+                browser.close()
