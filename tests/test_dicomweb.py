@@ -33,10 +33,15 @@ def pacs(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def server(pacs, tmp_path_factory):
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("dicomweb_cache")
+
+
+@pytest.fixture(scope="module")
+def server(pacs, cache, tmp_path_factory):
     url, *_ = pacs
     folder = tmp_path_factory.mktemp("dicomweb_server")
-    with running_server(f"{url}/dicom-web", [("dicomweb_cache", folder / "cache")], folder) as server_url:
+    with running_server(f"{url}/dicom-web", [("dicomweb_cache", cache)], folder) as server_url:
         yield server_url
 
 
@@ -95,6 +100,24 @@ def test_a_final_label_is_stored_as_dicom_seg_on_the_pet_geometry(pacs, server, 
     assert len(seg_world) == len(label_world) == 36
     np.testing.assert_allclose(np.sort(seg_world, axis=0), np.sort(label_world, axis=0), atol=1e-3)
     assert requests.get(f"{server}/datastore/", timeout=60).json()["completed"] == 1
+
+    # An empty label is refused before anything reaches the PACS.
+    save_nifti(np.zeros_like(label), served.affine, tmp_path / "empty.nii.gz")
+    with open(tmp_path / "empty.nii.gz", "rb") as file:
+        response = requests.put(f"{server}/datastore/label", params={"image": series_uid, "tag": "final"},
+                                files={"label": file}, timeout=120)
+    assert response.status_code == 422 and "label is empty" in response.json()["detail"]
+    assert len(requests.get(f"{url}/dicom-web/series", params={"Modality": "SEG"}, timeout=30).json()) == 1
+
+
+def test_labels_and_scores_outlast_a_restart(pacs, server, cache, tmp_path):
+    url, series_uid, _, _ = pacs
+    requests.put(f"{server}/datastore/image/info", params={"image": series_uid},
+                 data={"info": json.dumps({"cross_prompt_disagreement": 0.42})}, timeout=30)
+    with running_server(f"{url}/dicom-web", [("dicomweb_cache", cache)], tmp_path) as restarted:
+        info = requests.get(f"{restarted}/datastore/image/info", params={"image": series_uid}, timeout=30).json()
+        assert info.get("cross_prompt_disagreement") == 0.42
+        assert requests.get(f"{restarted}/datastore/", timeout=60).json()["completed"] == 1
 
 
 def test_an_unreachable_pacs_is_a_clear_error_and_the_server_keeps_answering(tmp_path):
