@@ -82,11 +82,22 @@ def serve_infer_off_the_event_loop(app: FastAPI) -> None:
     MONAI Label declares its infer endpoint ``async`` but computes synchronously inside it, which
     stalls every other request (``/info``, other annotators) while a model runs. A plain function with
     the same signature makes FastAPI run it in its thread pool; the work is MONAI Label's own.
+
+    The label file OHIF asks for (``output=image``) is sent from memory instead of streamed by
+    ``FileResponse``, whose 64 kB chunks each cross a thread: ~0.02 s on a 4 mm whole-body reply
+    (scripts/benchmark_server.py).
     """
+    from fastapi.responses import FileResponse, Response
     from monailabel.endpoints import infer as infer_endpoint
 
     def run_inference_in_worker_thread(background_tasks, model, image, session_id, params, file, label, output, user):
-        return infer_endpoint.run_inference(background_tasks, model, image, session_id, params, file, label, output)
+        reply = infer_endpoint.run_inference(background_tasks, model, image, session_id, params, file, label, output)
+        if not isinstance(reply, FileResponse):
+            return reply
+        with open(reply.path, "rb") as result:
+            content = result.read()  # MONAI Label's background task removes the file after the reply
+        disposition = {key: value for key, value in reply.headers.items() if key == "content-disposition"}
+        return Response(content=content, media_type=reply.media_type, headers=disposition)
 
     _replace_route(app, infer_endpoint.router, infer_endpoint.api_run_inference, run_inference_in_worker_thread)
 
