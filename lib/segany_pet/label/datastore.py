@@ -63,7 +63,8 @@ class PETDatastore(LocalDatastore):
 
     def _update_datastore_file(self, lock=True):
         """Write the datastore file whole or not at all (a killed scoring job must not leave half a file), with
-        pydantic's serialiser: 6,000 images take ~0.03 s instead of ~0.3 s with MONAI Label's indented json."""
+        pydantic's serialiser: 25 ms at 6,000 images instead of 370 ms with MONAI Label's indented json
+        (scripts/benchmark_active.py)."""
         with FileLock(self._lock_file) if lock else contextlib.nullcontext():
             self._ignore_event_config = True
             partial = f"{self._datastore_config_path}.{os.getpid()}.partial"
