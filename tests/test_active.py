@@ -139,6 +139,7 @@ def write_datastore(folder: Path, scans: int, labeled: int = 0) -> Path:
     return folder
 
 
+@pytest.mark.slow
 def test_scoring_writes_scores_and_skips_unchanged_scans(tmp_path, predictor):
     folder = write_datastore(tmp_path / "studies", scans=3, labeled=1)
     datastore = PETDatastore(str(folder), extensions=("scan*.nii.gz",))
@@ -207,6 +208,7 @@ def lease_in_process(folder: str, client: str, start, results) -> None:
         results.put((client, chosen[0] if chosen else None))
 
 
+@pytest.mark.slow
 def test_concurrent_annotators_in_separate_processes_never_share_a_scan(tmp_path):
     scored_datastore(tmp_path, 12)
     context = multiprocessing.get_context("spawn")
@@ -260,6 +262,7 @@ def test_a_server_datastore_sees_another_process_write(tmp_path):
         watching._observer.stop()
 
 
+@pytest.mark.slow
 def test_score_and_audit_commands_write_scores_and_the_report(tmp_path):
     folder = write_datastore(tmp_path / "studies", scans=1, labeled=1)
     command = [sys.executable, "-m", "segany_pet.cli", "score", str(folder), "--threads", "1"]
@@ -291,6 +294,7 @@ def test_scoring_shards_over_torchrun_ranks(tmp_path):
     assert all("cross_prompt_disagreement" in datastore.get_image_info(f"scan{i}") for i in range(2))
 
 
+@pytest.mark.slow
 def test_score_command_reports_bad_input(tmp_path):
     folder = write_datastore(tmp_path / "studies", scans=1)
     command = [sys.executable, "-m", "segany_pet.cli", "score", str(folder), "--threads", "1"]
