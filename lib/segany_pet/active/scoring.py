@@ -63,11 +63,10 @@ def score_datastore(datastore, point: Predictor, box: Predictor, model_key: str,
     Returns counts and the time taken; ``on_progress`` receives the same record after every image.
     """
     all_images = sorted(datastore.list_images())
-    chosen = all_images if images is None else [i for i in images if i in set(all_images)]
     missing = sorted(set(images or []) - set(all_images))
     if missing:
         raise UserInputError(f"image(s) not in the datastore: {', '.join(missing[:5])}")
-    mine = chosen[rank::world_size]
+    mine = (all_images if images is None else images)[rank::world_size]
     started = time.perf_counter()
     progress = {"total": len(mine), "done": 0, "scored": 0, "unchanged": 0, "failed": 0, "rank": rank,
                 "world_size": world_size}

@@ -142,7 +142,7 @@ class LeasedStrategy(Strategy):
     def __call__(self, request: dict, datastore) -> dict:
         if not hasattr(datastore, "lease_best"):
             raise UserInputError(f"strategy {self.name} needs the app's local datastore (PETDatastore)")
-        client = str(request.get("client_id") or request.get("user") or "anonymous")
+        client = str(request.get("client_id") or "anonymous")  # the server fills in the user's name
 
         def rank(image_id, record):
             return self.priority(record.image.info, bool(record.labels.get(FINAL)))

@@ -25,6 +25,7 @@ from pathlib import Path
 from filelock import FileLock
 
 from segany_pet.errors import UserInputError
+from segany_pet.label.datastore import PETDatastore
 from segany_pet.pet import read_pet_series, save_nifti
 
 logger = logging.getLogger(__name__)
@@ -95,17 +96,23 @@ def _convert(datastore, folder: Path, image_id: str, stamp: str) -> dict:
     except UserInputError as exc:
         logger.warning("DICOM series %s not added: %s", folder, exc)
         return {**record, "status": "error", "message": str(exc)}
-    info = {"source": "dicom", "dicom_folder": str(folder), **{k: volume.meta[k] for k in (
-        "series", "suv_norm", "suv_factor", "suv_conversion", "warnings")}}
-    with tempfile.TemporaryDirectory() as scratch:
-        converted = Path(scratch) / f"{image_id}.nii.gz"
-        save_nifti(volume.suv, volume.affine, converted)
-        datastore.add_image(image_id, str(converted), info)
-    for warning in volume.meta["warnings"]:
-        logger.warning("DICOM series %s: %s", folder, warning)
+    add_converted_series(datastore, image_id, volume, {"source": "dicom", "dicom_folder": str(folder)})
     logger.info("DICOM series %s added as %s (SUV factor %.6g)", folder, image_id, volume.meta["suv_factor"])
     return {**record, "status": "converted", "series_uid": volume.meta["series"]["SeriesInstanceUID"],
             "suv_factor": volume.meta["suv_factor"], "warnings": volume.meta["warnings"]}
+
+
+def add_converted_series(datastore, image_id: str, volume, info: dict) -> None:
+    """Add a series converted to SUV as ``<image_id>.nii.gz`` with its conversion record in the image's info,
+    in one datastore transaction (written aside first: never half-added); its warnings go to the log."""
+    record = {**info, **{key: volume.meta[key] for key in ("series", "suv_norm", "suv_factor", "suv_conversion",
+                                                            "warnings")}}
+    with tempfile.TemporaryDirectory() as scratch:
+        converted = Path(scratch) / f"{image_id}.nii.gz"
+        save_nifti(volume.suv, volume.affine, converted)
+        PETDatastore.add_image(datastore, image_id, str(converted), record)
+    for warning in volume.meta["warnings"]:
+        logger.warning("series %s (%s): %s", image_id, info.get("source"), warning)
 
 
 def summary(state_dir: str | os.PathLike) -> dict:

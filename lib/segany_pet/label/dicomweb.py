@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 import time
 from pathlib import Path
 
@@ -27,7 +26,8 @@ from pydicom.dataset import Dataset
 
 from segany_pet.errors import UserInputError
 from segany_pet.label.datastore import PETDatastore
-from segany_pet.pet import read_pet_series, save_nifti
+from segany_pet.label.dicom_studies import add_converted_series
+from segany_pet.pet import read_pet_series
 
 logger = logging.getLogger(__name__)
 
@@ -82,16 +82,7 @@ class PETDICOMWebDatastore(DICOMWebDatastore, PETDatastore):
             return str(converted)
         if image_id not in self.list_images():
             return ""
-        series_dir = self._series_dir(image_id)
-        volume = read_pet_series(series_dir)
-        with tempfile.TemporaryDirectory() as scratch:
-            nifti = Path(scratch) / f"{image_id}.nii.gz"
-            save_nifti(volume.suv, volume.affine, nifti)
-            info = {"source": "dicomweb", **{k: volume.meta[k] for k in ("series", "suv_norm", "suv_factor",
-                                                                          "suv_conversion", "warnings")}}
-            PETDatastore.add_image(self, image_id, str(nifti), info)
-        for warning in volume.meta["warnings"]:
-            logger.warning("series %s: %s", image_id, warning)
+        add_converted_series(self, image_id, read_pet_series(self._series_dir(image_id)), {"source": "dicomweb"})
         return str(converted)
 
     def _series_dir(self, image_id: str) -> Path:
