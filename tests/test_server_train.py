@@ -150,6 +150,7 @@ def test_cpcl_over_rest_saves_corrected_labels_beside_the_annotators(train_serve
     assert job["status"] == "DONE", job["details"]
 
     stats = MONAILabelClient(train_server).info()["train_stats"][f"{MODEL}_cpcl"]
+    assert stats["status"] == "finished" and "suspicious_labels" in stats["cpcl"], (stats, job["details"])
     suspicious = stats["cpcl"]["suspicious_labels"]
 
     def corrected_labels_listed():

@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import time
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -175,7 +174,7 @@ class CPCLTrainer(Trainer):
             self.model.preset)
         self.box_model = box_model.to(self.context.device).train()
         self.noise_seen: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0])  # noisy, corrected, union voxels
-        self.started_at = time.time()  # a noise report older than this is a previous job's
+        self.noise_cases: list[dict] | None = None  # the noise report's cases, once this job has written it
         return CPCLStep(self.model, self.box_model, config)
 
     def _extra_checkpoint_state(self) -> dict:
@@ -232,6 +231,7 @@ class CPCLTrainer(Trainer):
             cases = load_cases(low, config.label_names, config.split_classes)
             report = noise_report(self.model, self.box_model, cases, config, self.output_dir / CORRECTED_DIR)
             (self.output_dir / NOISE_REPORT).write_text(json.dumps(report, indent=1))
+            self.noise_cases = report["cases"]
 
     def _extra_stats(self) -> dict:
         seen = {case: {"noisy_voxels": n, "corrected_voxels": c, "union_voxels": u,
@@ -239,11 +239,9 @@ class CPCLTrainer(Trainer):
                 for case, (n, c, u) in self.noise_seen.items()}
         record = {"method": "cpcl", "stage": 2 if getattr(self, "confident_learning", False) else 1,
                   "low_tier_crops_seen": seen}
-        report_path = self.output_dir / NOISE_REPORT
-        if report_path.exists() and report_path.stat().st_mtime >= self.started_at:
-            report = json.loads(report_path.read_text())
+        if getattr(self, "noise_cases", None) is not None:
             record["suspicious_labels"] = [{k: case[k] for k in ("id", "noise_score", "corrected_voxels")}
-                                           for case in report["cases"]]
+                                           for case in self.noise_cases]
         return {"cpcl": record}
 
 
