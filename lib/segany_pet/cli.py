@@ -9,6 +9,7 @@
     segany-pet score STUDIES [--model FILE] [--box-model FILE] [--force]     (also under torchrun)
     segany-pet audit STUDIES --out DIR [--top 20]
     segany-pet suv DICOM_DIR OUT.nii.gz [--norm bw|lbm|bsa]     (one PET DICOM series -> SUV NIfTI, QIBA rules)
+    segany-pet curate CONFIG STUDIES [--workers N] [--report DIR]     (several PET datasets -> one datastore)
 """
 
 from __future__ import annotations
@@ -166,6 +167,36 @@ def _suv(args) -> int:
     return 0
 
 
+def _curate(args) -> int:
+    from tqdm import tqdm
+
+    from segany_pet.curate import curate, load_config
+    from segany_pet.curate.importer import STATE
+    from segany_pet.curate.report import write_report
+    from segany_pet.label.datastore import PETDatastore
+
+    sources = load_config(args.config)
+    studies = Path(args.studies)
+    studies.mkdir(parents=True, exist_ok=True)
+    datastore = PETDatastore(str(studies), extensions=("*.nii.gz", "*.nii"), auto_reload=False)
+    with tqdm(desc="curating", unit="case") as bar:
+        def advance(done: int, total: int) -> None:
+            bar.total = total
+            bar.update(done - bar.n)
+
+        run = curate(sources, datastore, workers=args.workers, on_progress=advance)
+    summary = run.to_dict()
+    print(f"curated {summary['cases']} cases of {len(sources)} sources into {studies}: {summary['imported']} "
+          f"imported, {summary['unchanged']} unchanged, {summary['errors']} refused, {summary['warnings']} warnings "
+          f"({summary['seconds']} s)")
+    for problem in run.problems:
+        print(f"{problem['severity']}: {problem['source']}/{problem['case']}: {problem['reason']}", file=sys.stderr)
+    report_dir = Path(args.report) if args.report else studies / STATE / "report"
+    paths = write_report(datastore, report_dir, run=summary, gallery=args.gallery)
+    print("report: " + ", ".join(str(path) for path in paths.values()))
+    return 0
+
+
 def _datastore_and_models(args):
     """The datastore of STUDIES and the models the server would score it with (or --model / --box-model)."""
     from segany_pet.label.activelearning import box_replica_path
@@ -269,6 +300,16 @@ def main(argv: list[str] | None = None) -> int:
     suv.add_argument("--norm", choices=["bw", "lbm", "bsa"], default="bw",
                      help="body weight (SUVbw), lean body mass (SUL) or body surface area (SUVbsa)")
     suv.set_defaults(run=_suv)
+
+    curate = commands.add_parser("curate", help="import several PET datasets into one tiered datastore, "
+                                                "with checks and a QC report (config: docs/curation.md)")
+    curate.add_argument("config", help="YAML or JSON file listing the sources")
+    curate.add_argument("studies", help="the datastore folder to build or extend")
+    curate.add_argument("--workers", type=int, default=None, help="worker processes (default: one per CPU)")
+    curate.add_argument("--report", help="where report.json and index.html go "
+                                         "(default: STUDIES/.segany_pet/curate/report)")
+    curate.add_argument("--gallery", type=int, default=12, help="cases drawn in the report's gallery")
+    curate.set_defaults(run=_curate)
 
     for server in (serve, demo):
         server.add_argument("--port", type=int, default=8000)

@@ -143,7 +143,7 @@ def write_audit(datastore, out_dir, point: Predictor | None = None, box: Predict
     write_csv(entries, paths["csv"])
     point = point if point is not None else box
     box = box if box is not None else point
-    pyplot = _pyplot()
+    pyplot = pyplot_agg()
     chosen = [entry for entry in entries if entry.status == SCORED][:top]
     shown = []
     for done, entry in enumerate(chosen, start=1):
@@ -316,7 +316,7 @@ def draw_figure(pyplot, volume: PETVolume, label: np.ndarray, consensus: np.ndar
     return path
 
 
-def _pyplot():
+def pyplot_agg():
     """matplotlib's pyplot on the Agg backend (files only, no display)."""
     import matplotlib
 
@@ -354,13 +354,13 @@ def html_page(entries: list[AuditEntry], shown: list[tuple[AuditEntry, str | Non
         '<html lang="en"><head><meta charset="utf-8"><title>Label audit</title>',
         f"<style>{PAGE_STYLE}</style></head><body>",
         "<h1>Label audit</h1>",
-        f"<p>Written {_escape(_iso_time(datetime.datetime.now().timestamp()))}. Every labeled image, ranked: "
+        f"<p>Written {html_escape(_iso_time(datetime.datetime.now().timestamp()))}. Every labeled image, ranked: "
         f'<a href="{CSV_NAME}">{CSV_NAME}</a>.</p>',
-        _table(list(counts), [list(counts.values())]),
+        html_table(list(counts), [list(counts.values())]),
         "<p>Label noise score: of the voxels the label or the models' consensus calls lesion, the share where the "
         "point- and box-prompted models agree with each other against the label (0 = no dispute). "
         "Disagreement: 1 - Dice between the two models on the scan's most disputed targets.</p>",
-        *(f'<p class="note">{_escape(note)}</p>' for note in page_notes),
+        *(f'<p class="note">{html_escape(note)}</p>' for note in page_notes),
     ]
     if shown:
         parts.append(f"<h2>The {len(shown)} most suspicious labels</h2>" if len(shown) > 1
@@ -370,7 +370,7 @@ def html_page(entries: list[AuditEntry], shown: list[tuple[AuditEntry, str | Non
     unscored = [entry for entry in entries if entry.status != SCORED]
     if unscored:
         parts.append(f"<h2>Labeled images without a score ({len(unscored)})</h2>")
-        parts.append(_table(["rank", "image", "status", "reason"],
+        parts.append(html_table(["rank", "image", "status", "reason"],
                             [[ranks[e.image_id], e.image_id, e.status, e.note] for e in unscored]))
     parts.append("</body></html>")
     return "\n".join(parts) + "\n"
@@ -390,25 +390,26 @@ def _entry_section(rank: int, entry: AuditEntry, figure: str | None, note: str) 
         ["image", entry.image_path],
         ["label", entry.label_path],
     ]
-    parts = [f'<section id="rank-{rank}"><h3>{rank}. {_escape(entry.image_id)}</h3>', _fields(rows)]
-    parts += [f'<p class="note">{_escape(text)}</p>' for text in (entry.note, note) if text]
+    parts = [f'<section id="rank-{rank}"><h3>{rank}. {html_escape(entry.image_id)}</h3>', _fields(rows)]
+    parts += [f'<p class="note">{html_escape(text)}</p>' for text in (entry.note, note) if text]
     if figure is not None:
-        parts.append(f'<img src="{_escape(figure)}" alt="{_escape(f"MIPs and axial slice of {entry.image_id}")}">')
+        alt = html_escape(f"MIPs and axial slice of {entry.image_id}")
+        parts.append(f'<img src="{html_escape(figure)}" alt="{alt}">')
     parts.append("</section>")
     return "\n".join(parts)
 
 
-def _table(header: list, rows: list[list]) -> str:
-    lines = ["<table>", "<tr>" + "".join(f"<th>{_escape(cell)}</th>" for cell in header) + "</tr>"]
-    lines += ["<tr>" + "".join(f"<td>{_escape(cell)}</td>" for cell in row) + "</tr>" for row in rows]
+def html_table(header: list, rows: list[list]) -> str:
+    lines = ["<table>", "<tr>" + "".join(f"<th>{html_escape(cell)}</th>" for cell in header) + "</tr>"]
+    lines += ["<tr>" + "".join(f"<td>{html_escape(cell)}</td>" for cell in row) + "</tr>" for row in rows]
     return "\n".join([*lines, "</table>"])
 
 
 def _fields(rows: list[list]) -> str:
     """A two-column table: a name, its value."""
-    lines = [f"<tr><th>{_escape(name)}</th><td>{_escape(value)}</td></tr>" for name, value in rows]
+    lines = [f"<tr><th>{html_escape(name)}</th><td>{html_escape(value)}</td></tr>" for name, value in rows]
     return "\n".join(["<table>", *lines, "</table>"])
 
 
-def _escape(value) -> str:
+def html_escape(value) -> str:
     return html.escape(_cell(value), quote=True)

@@ -32,6 +32,11 @@ class PETDatastore(LocalDatastore):
         if getattr(self, "_handler", None) is not None:  # auto_reload: files are replaced, not modified, here
             self._handler.on_moved = self._on_replaced_event
 
+    @property
+    def folder(self) -> str:
+        """The datastore's folder: images, ``labels/``, and this project's ``.segany_pet/`` state."""
+        return self._datastore_path
+
     def _on_replaced_event(self, event):
         """A process replaced the datastore file (see _update_datastore_file): reload it unless it was this one."""
         if getattr(event, "dest_path", None) != self._datastore_config_path:
@@ -105,6 +110,46 @@ class PETDatastore(LocalDatastore):
             info = {**(label_info or {}), "ts": int(time.time()), "name": name}
             record.labels[label_tag] = DataModel(info=info, ext=extension)
         return image_id
+
+    def add_images_with_labels(self, entries, label_tag: str) -> None:
+        """Several images, each with its label or None, moved in (``os.replace``: the files must be on the
+        datastore's file system) and recorded in one transaction. An image already present is replaced and its
+        info updated; its ``label_tag`` label is replaced only when a new one comes.
+
+        ``entries``: (image_id, image_file, image_info, label_file | None, label_info) tuples, NIfTI files.
+        """
+        extension = ".nii.gz"
+        with self._transaction():
+            label_folder = self._datastore.label_path(label_tag)
+            os.makedirs(label_folder, exist_ok=True)
+            now = int(time.time())
+            for image_id, image_file, image_info, label_file, label_info in entries:
+                name = self._filename(image_id, extension)
+                os.replace(image_file, os.path.join(self._datastore.image_path(), name))
+                record = self._datastore.objects.get(image_id)
+                info = {**(record.image.info if record else {}), **image_info, "ts": now, "name": name}
+                if record is None:
+                    record = self._datastore.objects[image_id] = ImageLabelModel(
+                        image=DataModel(info=info, ext=extension))
+                else:
+                    record.image = DataModel(info=info, ext=extension)
+                if label_file is not None:
+                    os.replace(label_file, os.path.join(label_folder, name))
+                    record.labels[label_tag] = DataModel(info={**(label_info or {}), "ts": now, "name": name},
+                                                         ext=extension)
+
+    def remove_images(self, image_ids) -> None:
+        """Remove images with all their labels, in one transaction; also the files of an id without a record
+        (moved in by a process killed before it recorded them)."""
+        with self._transaction():
+            for image_id in image_ids:
+                self._datastore.objects.pop(image_id, None)
+                labels = self._datastore.label_path(None)
+                tags = os.listdir(labels) if os.path.isdir(labels) else []
+                for folder in [self._datastore.image_path(), *(os.path.join(labels, tag) for tag in tags)]:
+                    for extension in (".nii.gz", ".nii"):
+                        with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+                            os.remove(os.path.join(folder, self._filename(image_id, extension)))
 
     def update_image_info(self, image_id: str, info: dict) -> None:
         with self._transaction():

@@ -20,6 +20,8 @@ from segany_pet.errors import InvalidImageError
 
 # Above this a "SUV" image almost surely holds raw Bq/mL (whole-body lesion SUVs stay below ~400).
 MAX_PLAUSIBLE_SUV = 1000.0
+# Below this it holds a CT in Hounsfield units (air is -1000); reconstructions dip only slightly below 0.
+MIN_PLAUSIBLE_SUV = -100.0
 
 
 @dataclass
@@ -69,6 +71,12 @@ def load_nifti(path: str | os.PathLike) -> PETVolume:
         raise InvalidImageError(
             f"{name}: {share:.1%} of voxels are NaN or infinite; re-export the SUV image "
             "(NaN usually marks voxels outside the reconstructed field of view)"
+        )
+    lowest = float(suv.min())
+    if lowest < MIN_PLAUSIBLE_SUV:
+        raise InvalidImageError(
+            f"{name}: values down to {lowest:.4g} look like a CT in Hounsfield units, not PET: give the PET "
+            "(SUV) image, not the CT (in nnU-Net layouts, check which channel is which)"
         )
     peak = float(suv.max())
     if peak > MAX_PLAUSIBLE_SUV:
