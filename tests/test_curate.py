@@ -13,7 +13,9 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+import requests
 import yaml
+from monailabel.client import MONAILabelClient
 
 from segany_pet.curate import TARGETS, curate, load_config
 from segany_pet.curate.importer import JOURNAL, QC_DIR, STAGING_DIR, STATE
@@ -23,7 +25,7 @@ from segany_pet.label.datastore import PETDatastore
 from segany_pet.pet import save_nifti
 from segany_pet.phantom.dicom import write_pet_series
 from segany_pet.train.data import records_from_datastore
-from support import small_scan
+from support import running_server, small_scan
 
 SIZE = (36, 36, 44)
 LESION = TARGETS["lesion"]
@@ -99,6 +101,8 @@ def build_sources(root: Path) -> Path:
     dicom = root / "dicom"
     write_pet_series(d.suv, d.affine, dicom / "patient01" / "PET_WB", seed=1, patient_id="P1")
     write_pet_series(b.suv, b.affine, dicom / "patient02" / "PET", decay_correction="NONE", seed=2, patient_id="P2")
+    # The same series (same UIDs) exported again, rescaled: a duplicate by its series UID, not its content.
+    write_pet_series(d.suv * 1.05, d.affine, dicom / "patient01_copy" / "PET_WB", seed=1, patient_id="P1")
     (dicom / "labels").mkdir()
     save_nifti((d_lesions > 0).astype(np.uint8), d.affine, dicom / "labels" / "patient01__PET_WB.nii.gz")
 
@@ -133,7 +137,8 @@ IMPORTED = {"autopet__PETCT_0001_08-12-2005-NA-PET-CT_Ganzkoerper": "labeled", "
             "site__patient01__PET_WB": "labeled", "plain__x01": "labeled"}
 REFUSED = {"autopet__PETCT_0003_study": "metadata CSV has no row", "autopet__PETCT_0004_study": "Bq/mL",
            "merged__fdg_0002": "duplicate of autopet__PETCT_0001", "merged__psma_0004": "foreground",
-           "site__patient02__PET": "DecayCorrection", "plain__x02": "grid mismatch",
+           "site__patient02__PET": "DecayCorrection", "site__patient01_copy__PET_WB": "duplicate of site__patient01",
+           "plain__x02": "grid mismatch",
            "plain__x03": "values [7] are not in the source's targets", "plain__x04": "cannot be read as NIfTI",
            "plain__x05": "look like a CT"}
 
@@ -331,3 +336,22 @@ def test_the_command_line_curates_and_reports(config, tmp_path):
     failed = subprocess.run(command, capture_output=True, text=True, timeout=300,
                             env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "lib")})
     assert failed.returncode == 2 and "is not a folder" in failed.stderr and "Traceback" not in failed.stderr
+
+
+@pytest.mark.server
+@pytest.mark.slow
+def test_the_server_serves_a_curated_datastore_as_it_is(curated, random_checkpoint, tmp_path):
+    """Images, labels with their tiers, and a click, straight from what curate wrote."""
+    datastore, _ = curated
+    with running_server(Path(datastore.folder), [("model", random_checkpoint)], tmp_path) as url:
+        objects = MONAILabelClient(url).datastore()["objects"]
+        assert set(objects) == set(IMPORTED)
+        tiers = {image_id: record["labels"].get("final", {}).get("info", {}).get("quality")
+                 for image_id, record in objects.items()}
+        assert tiers["merged__psma_0001"] == "low" and tiers["site__patient01__PET_WB"] == "high"
+        assert tiers["merged__psma_0005"] is None
+        params = {"foreground": [[18, 18, 22]], "client_id": "curator"}
+        click = requests.post(f"{url}/infer/segany_pet", params={"image": "plain__x01", "output": "json"},
+                              data={"params": json.dumps(params)}, timeout=120)
+        assert click.status_code == 200, click.text
+        assert click.json()["model"] == random_checkpoint.name

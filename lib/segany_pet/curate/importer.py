@@ -108,7 +108,7 @@ def prepare_case(case: Case, staging: Path) -> dict:
     image_info = {"tracer": case.source.tracer_of(case.name), "curation": provenance}
     label_info = None
     if label is not None:
-        present = sorted(int(v) for v in np.unique(label) if v)
+        present = np.flatnonzero(np.bincount(label.ravel())).tolist()
         label_info = {"quality": case.source.tier, "source": case.source.name,
                       "targets": {name: value for name, value in TARGETS.items() if value in present}}
     return {**result, "status": "ready", "image_info": image_info, "label_info": label_info, "qc": qc,
@@ -188,7 +188,9 @@ def read_case_label(case: Case, volume: PETVolume) -> np.ndarray:
         raise CurationProblem(f"label {case.label.name}: holds non-integer values (a probability map?); give a "
                               "label map of integer values")
     data = data.astype(np.int64)
-    values = {int(v) for v in np.unique(data)} - {0}
+    if data.min() < 0:
+        raise CurationProblem(f"label {case.label.name}: holds negative values; give a label map of values >= 0")
+    values = set(np.flatnonzero(np.bincount(data.ravel())).tolist()) - {0}  # bincount: no sort of the volume
     unmapped = sorted(values - set(case.source.targets))
     if unmapped:
         raise CurationProblem(f"label {case.label.name}: values {unmapped} are not in the source's targets "

@@ -62,7 +62,8 @@ class Source:
     path: Path
     tracer: str
     tier: str = "high"
-    targets: dict = field(default_factory=dict)  # label value (int) or label name (nnU-Net) -> target name
+    # Label value (int; nnU-Net: label name) -> target name; autoPET's SEG.nii.gz marks lesions with 1.
+    targets: dict = field(default_factory=lambda: {1: "lesion"})
     note: str = ""
     metadata: Path | None = None  # autopet: the CSV for PET.nii.gz studies
     channel: int | None = None  # nnunet: the PET channel, when dataset.json does not name one PET or SUV
