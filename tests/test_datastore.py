@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import os
+import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
-from monailabel.datastore.local import LocalDatastore
+from filelock import FileLock
+from monailabel.datastore.local import DataModel, ImageLabelModel, LocalDatastore
 
 from segany_pet.label.datastore import PETDatastore
 from segany_pet.pet import save_nifti
@@ -70,3 +73,30 @@ def test_monai_labels_own_datastore_loses_updates_under_the_same_load(tmp_path):
     78 keys and tags; PETDatastore 0). If this ever fails, MONAI Label fixed it and PETDatastore can go."""
     objects = run_writers("monai", make_studies(tmp_path))
     assert lost(objects) > 0
+
+
+def test_a_reconcile_waits_for_another_process_moving_images_in(tmp_path):
+    """The server's file watcher reconciles when image files appear; another process (segany-pet curate) moves
+    files in and records them under the file lock. The reconcile waits for the record instead of adding the
+    files with empty info and writing that over it. (The whole reconcile runs under the lock, which also
+    closes the window between its reads and its write; that interleaving is not reproduced here.)"""
+    folder = make_studies(tmp_path)
+    server = PETDatastore(str(folder), extensions=("scan*.nii.gz",), auto_reload=False)
+    curator = PETDatastore(str(folder), extensions=("scan*.nii.gz",), auto_reload=False)
+    staged = tmp_path / "staged.nii.gz"
+    save_nifti(np.full((4, 4, 4), 2.0, np.float32), np.eye(4), staged)
+    with FileLock(curator._lock_file):  # the curator's transaction, half done: the file is in, unrecorded
+        os.replace(staged, folder / "scan_new.nii.gz")
+        reconcile = threading.Thread(target=server.refresh)
+        reconcile.start()
+        reconcile.join(timeout=1.0)
+        assert reconcile.is_alive()  # waiting for the lock
+        curator._reload_if_changed()
+        curator._datastore.objects["scan_new"] = ImageLabelModel(
+            image=DataModel(info={"name": "scan_new.nii.gz", "curation": {"source": "site"}}, ext=".nii.gz"))
+        curator._update_datastore_file(lock=False)
+    reconcile.join(timeout=30)
+    assert not reconcile.is_alive()
+    reread = PETDatastore(str(folder), extensions=("scan*.nii.gz",), auto_reload=False)
+    assert reread.get_image_info("scan_new")["curation"] == {"source": "site"}
+    assert server.get_image_info("scan_new")["curation"] == {"source": "site"}

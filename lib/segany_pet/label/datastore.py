@@ -12,6 +12,7 @@ file when another process writes it).
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import shutil
 import threading
@@ -21,6 +22,8 @@ from filelock import FileLock
 from monailabel.datastore.local import DataModel, ImageLabelModel, LocalDatastore, LocalDatastoreModel
 from monailabel.interfaces.exception import ImageNotFoundException, LabelNotFoundException
 
+logger = logging.getLogger(__name__)
+
 
 class PETDatastore(LocalDatastore):
     """LocalDatastore whose changes never overwrite another process's (see the module docstring)."""
@@ -28,6 +31,7 @@ class PETDatastore(LocalDatastore):
     def __init__(self, *args, **kwargs):
         self._thread_lock = threading.RLock()
         self._stamp: tuple[int, int] | None = None  # (mtime_ns, size) of the file as this process last saw it
+        self._holding_file_lock = False  # within _reconcile_datastore, whose writes must not lock again
         super().__init__(*args, **kwargs)
         if getattr(self, "_handler", None) is not None:  # auto_reload: files are replaced, not modified, here
             self._handler.on_moved = self._on_replaced_event
@@ -53,6 +57,17 @@ class PETDatastore(LocalDatastore):
             yield
             self._update_datastore_file(lock=False)
 
+    def _reconcile_datastore(self):
+        """MONAI Label's reconcile (files on disk -> records), under the file lock: run when files appear, it
+        must not read the datastore file while another process is between moving files in and recording them
+        (it would add them with empty info and then write that over the other process's records)."""
+        with self._thread_lock, FileLock(self._lock_file):
+            self._holding_file_lock = True
+            try:
+                super()._reconcile_datastore()
+            finally:
+                self._holding_file_lock = False
+
     def _reload_if_changed(self) -> None:
         try:
             stat = os.stat(self._datastore_config_path)
@@ -70,7 +85,7 @@ class PETDatastore(LocalDatastore):
         """Write the datastore file whole or not at all (a killed scoring job must not leave half a file), with
         pydantic's serialiser: 25 ms at 6,000 images instead of 370 ms with MONAI Label's indented json
         (scripts/benchmark_active.py)."""
-        with FileLock(self._lock_file) if lock else contextlib.nullcontext():
+        with FileLock(self._lock_file) if lock and not self._holding_file_lock else contextlib.nullcontext():
             self._ignore_event_config = True
             partial = f"{self._datastore_config_path}.{os.getpid()}.partial"
             with open(partial, "w") as file:
@@ -81,6 +96,15 @@ class PETDatastore(LocalDatastore):
             self._config_ts = stat.st_mtime
 
     def _init_from_datastore_file(self, throw_exception=False):
+        if self._holding_file_lock:  # within _reconcile_datastore: the parent would lock again (a deadlock)
+            self._stamp = None
+            try:
+                self._reload_if_changed()
+            except ValueError:
+                if throw_exception:
+                    raise
+                logger.exception("cannot read %s", self._datastore_config_path)
+            return
         super()._init_from_datastore_file(throw_exception)
         self._stamp = None  # the parent compares seconds only: let the next transaction check for itself
 
