@@ -67,8 +67,8 @@ class CurationProblem(UserInputError):
 def prepare_case(case: Case, staging: Path) -> dict:
     """Read, convert, check and standardise one case into ``staging/<id>/``; never raises.
 
-    Returns ``{"id", "status": "ready" | "error", "reason"?, "warnings", "image_info", "label_info", "qc",
-    "content_hash", "series_uid"}``.
+    Returns ``{"id", "source", "case", "status": "ready" | "error", "reason"?, "warnings", "image_info",
+    "label_info", "content_hash", "series_uid"}``; the QC numbers are in ``staging/<id>/qc.json``.
     """
     started = time.perf_counter()
     result = {"id": case.id, "source": case.source.name, "case": case.name, "warnings": []}
@@ -76,8 +76,8 @@ def prepare_case(case: Case, staging: Path) -> dict:
     try:
         volume, conversion = read_case_image(case)
         check_whole_body_suv(volume)
-        volume = dataclasses.replace(volume, **dict(zip(("suv", "affine"), to_ras(volume.suv, volume.affine),
-                                                        strict=True)))
+        suv, affine = to_ras(volume.suv, volume.affine)
+        volume = dataclasses.replace(volume, suv=suv, affine=affine)
         label = read_case_label(case, volume) if case.label else None
         if label is not None and not label.any():
             result["warnings"].append("empty label: imported as a negative scan (no target)")
@@ -110,7 +110,7 @@ def prepare_case(case: Case, staging: Path) -> dict:
     if label is not None:
         label_info = {"quality": case.source.tier, "source": case.source.name,
                       "targets": {name: TARGETS[name] for name in qc["targets"]}}
-    return {**result, "status": "ready", "image_info": image_info, "label_info": label_info, "qc": qc,
+    return {**result, "status": "ready", "image_info": image_info, "label_info": label_info,
             "content_hash": content_hash, "series_uid": series_uid}
 
 
@@ -309,6 +309,9 @@ def curate(sources: list[Source], datastore, workers: int | None = None,
             if key:
                 seen[key] = image_id
     problems = read_json(state / PROBLEMS, {})
+    ids, names = {case.id for case in cases}, set(run.sources)
+    problems = {image_id: entries for image_id, entries in problems.items()  # cases gone from their source
+                if image_id in ids or entries[0]["source"] not in names}
     pending: list[dict] = []
     last_commit = time.monotonic()
 
