@@ -12,10 +12,12 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import pydicom
 import pytest
 import requests
 import yaml
 from monailabel.client import MONAILabelClient
+from monailabel.datastore.utils.convert import nifti_to_dicom_seg
 
 from segany_pet.curate import TARGETS, curate, load_config
 from segany_pet.curate.importer import JOURNAL, QC_DIR, STAGING_DIR, STATE
@@ -105,6 +107,24 @@ def build_sources(root: Path) -> Path:
     write_pet_series(d.suv * 1.05, d.affine, dicom / "patient01_copy" / "PET_WB", seed=1, patient_id="P1")
     (dicom / "labels").mkdir()
     save_nifti((d_lesions > 0).astype(np.uint8), d.affine, dicom / "labels" / "patient01__PET_WB.nii.gz")
+    # A series labelled by a DICOM-SEG in its own folder (written by MONAI Label's converter, as the server's
+    # DICOMweb datastore writes them).
+    write_pet_series(c.suv * 0.8, c.affine, dicom / "patient03" / "PET", seed=3, patient_id="P3")
+    save_nifti((c_lesions > 0).astype(np.uint8), c.affine, root / "patient03_label.nii.gz")
+    seg_file = nifti_to_dicom_seg(str(dicom / "patient03" / "PET"), str(root / "patient03_label.nii.gz"), None,
+                                  use_itk=False)
+    (dicom / "patient03" / "SEG").mkdir()
+    shutil.move(seg_file, dicom / "patient03" / "SEG" / "seg.dcm")
+    # A SEG drawn on patient01's grid but referencing patient04's series, whose voxels sit half a voxel away:
+    # refused, not misplaced.
+    shifted = a.affine.copy()
+    shifted[:3, 3] += 2.0
+    slices = write_pet_series(a.suv * 0.7, shifted, dicom / "patient04" / "PET", seed=4, patient_id="P4")
+    wrong = pydicom.dcmread(nifti_to_dicom_seg(str(dicom / "patient01" / "PET_WB"),
+                                               str(dicom / "labels" / "patient01__PET_WB.nii.gz"), None, use_itk=False))
+    wrong.ReferencedSeriesSequence[0].SeriesInstanceUID = pydicom.dcmread(slices[0]).SeriesInstanceUID
+    (dicom / "patient04" / "SEG").mkdir()
+    wrong.save_as(dicom / "patient04" / "SEG" / "seg.dcm")
 
     plain = root / "plain"
     (plain / "pet").mkdir(parents=True)
@@ -134,11 +154,11 @@ def build_sources(root: Path) -> Path:
 
 IMPORTED = {"autopet__PETCT_0001_08-12-2005-NA-PET-CT_Ganzkoerper": "labeled", "autopet__PETCT_0002_study": "labeled",
             "merged__psma_0001": "labeled", "merged__fdg_0003": "negative", "merged__psma_0005": "unlabeled",
-            "site__patient01__PET_WB": "labeled", "plain__x01": "labeled"}
+            "site__patient01__PET_WB": "labeled", "site__patient03__PET": "labeled", "plain__x01": "labeled"}
 REFUSED = {"autopet__PETCT_0003_study": "metadata CSV has no row", "autopet__PETCT_0004_study": "Bq/mL",
            "merged__fdg_0002": "duplicate of autopet__PETCT_0001", "merged__psma_0004": "foreground",
            "site__patient02__PET": "DecayCorrection", "site__patient01_copy__PET_WB": "duplicate of site__patient01",
-           "plain__x02": "grid mismatch",
+           "site__patient04__PET": "DICOM-SEG seg.dcm: grid mismatch", "plain__x02": "grid mismatch",
            "plain__x03": "values [7] are not in the source's targets", "plain__x04": "cannot be read as NIfTI",
            "plain__x05": "look like a CT"}
 
@@ -194,6 +214,13 @@ def test_every_layout_imports_standardised_tiered_cases_with_provenance(curated,
     from_dicom = np.asarray(nib.load(datastore.get_image_uri("site__patient01__PET_WB")).dataobj)
     assert np.abs(from_dicom - canonical(d)).max() < 1e-3 * d.suv.max()
     assert datastore.get_image_info("site__patient01__PET_WB")["curation"]["conversion"]["suv_factor"] > 0
+
+    # The DICOM-SEG, placed on its series' grid: the lesions it was written from.
+    c, c_lesions, _ = scans()[2]
+    label_id = datastore.get_label_by_image_id("site__patient03__PET", "final")
+    from_seg = np.asarray(nib.load(datastore.get_label_uri(label_id, "final")).dataobj)
+    truth = nib.as_closest_canonical(nib.Nifti1Image((c_lesions > 0).astype(np.uint8), c.affine))
+    assert from_seg.any() and np.array_equal(from_seg, np.asarray(truth.dataobj) * LESION)
 
     # The organ target of the nnU-Net source kept its name through the vocabulary.
     label_id = datastore.get_label_by_image_id("merged__psma_0001", "final")

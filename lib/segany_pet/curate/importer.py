@@ -35,9 +35,10 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
-from segany_pet.curate.sources import TARGETS, Case, Source, find_cases
+from segany_pet.curate.sources import NIFTI_ENDINGS, TARGETS, Case, Source, find_cases
 from segany_pet.errors import UserInputError
 from segany_pet.pet import PETVolume, load_nifti, save_nifti
+from segany_pet.pet.dicom import read_dicom_seg
 
 log = logging.getLogger(__name__)
 
@@ -167,15 +168,18 @@ def read_case_label(case: Case, volume: PETVolume) -> np.ndarray:
     Label and image are compared in RAS orientation: a label stored with other axis directions than its image
     (a DICOM series read head first, its label written feet first) still covers the same voxels.
     """
-    try:
-        image = nib.load(case.label)
-        data = np.asanyarray(image.dataobj)
-    except Exception as exc:  # nibabel raises many types for damaged files
-        raise CurationProblem(f"label {case.label}: cannot be read as NIfTI ({exc})") from exc
-    data = np.squeeze(data) if data.ndim > 3 else data
-    if data.ndim != 3:
-        raise CurationProblem(f"label {case.label.name}: expected a 3D label map, got shape {tuple(data.shape)}")
-    data, affine = to_ras(data, np.asarray(image.affine, dtype=float))
+    if not case.label.name.endswith(NIFTI_ENDINGS):  # a DICOM-SEG, placed on the image's grid by its geometry
+        data, affine = read_dicom_seg(case.label, volume), volume.affine
+    else:
+        try:
+            image = nib.load(case.label)
+            data = np.asanyarray(image.dataobj)
+        except Exception as exc:  # nibabel raises many types for damaged files
+            raise CurationProblem(f"label {case.label}: cannot be read as NIfTI ({exc})") from exc
+        data = np.squeeze(data) if data.ndim > 3 else data
+        if data.ndim != 3:
+            raise CurationProblem(f"label {case.label.name}: expected a 3D label map, got shape {tuple(data.shape)}")
+        data, affine = to_ras(data, np.asarray(image.affine, dtype=float))
     if data.shape != volume.shape:
         raise CurationProblem(f"label {case.label.name}: grid mismatch, shape {tuple(data.shape)} against the "
                               f"image's {volume.shape}; export the label on the PET grid")

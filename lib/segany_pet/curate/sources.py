@@ -302,22 +302,46 @@ def _nnunet_cases(source: Source) -> list[Case]:
 
 
 def _dicom_cases(source: Source) -> list[Case]:
-    from segany_pet.label.dicom_studies import series_folders, series_id
+    """Series folders; a folder of DICOM-SEG files labels the series its SEGs reference (one header read per
+    folder: a SEG export keeps its own series folder, as PACS exports do)."""
+
+    from segany_pet.label.dicom_studies import is_dicom_file, series_folders, series_id
 
     labels = _resolve(source.labels, source.path) if source.labels else None
     if labels is not None and not labels.is_dir():
         raise UserInputError(f"source {source.name}: labels {labels} is not a folder")
-    cases = []
+    series, segs = [], {}
     for folder in series_folders(source.path):
         if labels is not None and folder.resolve().is_relative_to(labels.resolve()):
             continue
+        files = sorted(p for p in folder.iterdir() if p.is_file() and is_dicom_file(p))
+        header = _dicom_header(files[0])
+        if header is not None and header.get("Modality") == "SEG":
+            for file in files:
+                referenced = _dicom_header(file)
+                for item in (referenced or {}).get("ReferencedSeriesSequence", []):
+                    segs.setdefault(str(item.SeriesInstanceUID), file)
+        else:
+            series.append((folder, str((header or {}).get("SeriesInstanceUID", ""))))
+    cases = []
+    for folder, uid in series:
         name = series_id(folder, source.path)
         label = next((labels / f"{name}{ending}" for ending in NIFTI_ENDINGS
-                      if labels is not None and (labels / f"{name}{ending}").exists()), None)
+                      if labels is not None and (labels / f"{name}{ending}").exists()), segs.get(uid))
         cases.append(Case(source, name, folder, label, kind="dicom"))
     if not cases:
         raise UserInputError(f"source {source.name}: no folder of DICOM files under {source.path}")
     return cases
+
+
+def _dicom_header(path: Path):
+    import pydicom
+
+    try:
+        return pydicom.dcmread(path, stop_before_pixels=True,
+                               specific_tags=["Modality", "SeriesInstanceUID", "ReferencedSeriesSequence"])
+    except Exception:  # a damaged file: the series reader names it when the case is read
+        return None
 
 
 def _nifti_cases(source: Source) -> list[Case]:

@@ -688,3 +688,60 @@ def _pixels(dataset: Dataset, folder: Path) -> np.ndarray:
             "replace the file"
         )
     return pixels
+
+
+# ----------------------------------------------------------------------------------------------
+# DICOM-SEG labels
+
+
+SEG_GRID_TOLERANCE = 0.01  # voxel units: a SEG voxel centre must lie this close to an image voxel centre
+
+
+def read_dicom_seg(path: str | os.PathLike, volume: PETVolume) -> np.ndarray:
+    """A DICOM-SEG (segment numbers as label values) on ``volume``'s grid, uint16 in its stored order.
+
+    The SEG's frames may cover part of the series (empty frames are often left out) and may be stored in
+    another axis order; each SEG voxel centre must fall on an image voxel centre, else the SEG was drawn on
+    another grid and is refused.
+    """
+    import pydicom_seg
+    import SimpleITK as sitk
+
+    name = Path(path).name
+    try:
+        seg = pydicom_seg.MultiClassReader().read(pydicom.dcmread(path)).image
+    except Exception as exc:  # pydicom and pydicom-seg raise many types for damaged or unsupported files
+        raise InvalidImageError(f"DICOM-SEG {name}: cannot be read ({exc}); export it again as a labelmap or "
+                                "binary SEG of the PET series") from exc
+    grid = _itk_grid(volume)
+    corner = np.asarray(grid.TransformPhysicalPointToContinuousIndex(seg.TransformIndexToPhysicalPoint((0, 0, 0))))
+    steps = [np.asarray(grid.TransformPhysicalPointToContinuousIndex(seg.TransformIndexToPhysicalPoint(unit)))
+             - corner for unit in ((1, 0, 0), (0, 1, 0), (0, 0, 1))]
+    aligned = np.abs(corner - np.round(corner)).max() < SEG_GRID_TOLERANCE and all(
+        np.abs(np.abs(step) - np.round(np.abs(step))).max() < SEG_GRID_TOLERANCE
+        and np.isclose(np.abs(step).sum(), 1.0, atol=SEG_GRID_TOLERANCE) for step in steps)
+    if not aligned:
+        raise InvalidImageError(f"DICOM-SEG {name}: grid mismatch, its voxels do not fall on the PET series' "
+                                f"voxels (SEG voxel 0 at PET index {np.round(corner, 3).tolist()}); give a SEG of "
+                                "this series")
+    placed = sitk.Resample(seg, grid, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt16)
+    label = np.asfortranarray(sitk.GetArrayFromImage(placed).transpose(2, 1, 0))
+    drawn, kept = int(np.count_nonzero(sitk.GetArrayViewFromImage(seg))), int(np.count_nonzero(label))
+    if kept != drawn:
+        raise InvalidImageError(f"DICOM-SEG {name}: grid mismatch, {drawn - kept} of its {drawn} segment voxels lie "
+                                "outside the PET series; give a SEG of this series")
+    return label
+
+
+def _itk_grid(volume: PETVolume):
+    """An empty SimpleITK image on ``volume``'s grid: ITK indexes (i, j, k) like the stored array and measures
+    in LPS, so the affine's first two rows change sign."""
+    import SimpleITK as sitk
+
+    columns = np.diag([-1.0, -1.0, 1.0]) @ volume.affine[:3, :3]
+    spacing = np.linalg.norm(columns, axis=0)
+    grid = sitk.Image([int(n) for n in volume.shape], sitk.sitkUInt8)
+    grid.SetSpacing(spacing.tolist())
+    grid.SetDirection((columns / spacing).flatten().tolist())
+    grid.SetOrigin((np.diag([-1.0, -1.0, 1.0]) @ volume.affine[:3, 3]).tolist())
+    return grid
