@@ -97,7 +97,6 @@ class PETDatastore(LocalDatastore):
 
     def _init_from_datastore_file(self, throw_exception=False):
         if self._holding_file_lock:  # within _reconcile_datastore: the parent would lock again (a deadlock)
-            self._stamp = None
             try:
                 self._reload_if_changed()
             except ValueError:
