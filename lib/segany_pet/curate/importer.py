@@ -28,6 +28,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from itertools import repeat
 from pathlib import Path
 
@@ -370,7 +371,16 @@ def _prepared(cases: list[Case], staging: Path, workers: int | None) -> Iterator
             yield prepare_case(case, staging)
         return
     with ProcessPoolExecutor(max_workers=min(workers, len(cases))) as pool:
-        yield from pool.map(prepare_case, cases, repeat(staging))
+        done = 0
+        try:
+            for result in pool.map(prepare_case, cases, repeat(staging)):
+                done += 1
+                yield result
+        except BrokenProcessPool as exc:
+            raise CurationProblem(
+                f"a worker process died while reading case {cases[done].name} of {cases[done].source.name} (out of "
+                "memory?); the cases before it are imported: run again to continue, with fewer --workers if memory "
+                "is short") from exc
 
 
 def _curated(datastore) -> dict[str, dict]:

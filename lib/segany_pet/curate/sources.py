@@ -129,6 +129,8 @@ def load_config(path: str | os.PathLike) -> list[Source]:
         record = yaml.safe_load(path.read_text())
     except FileNotFoundError as exc:
         raise UserInputError(f"config {path} does not exist") from exc
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserInputError(f"config {path} cannot be read as text ({exc})") from exc
     except yaml.YAMLError as exc:
         raise UserInputError(f"config {path} is not valid YAML or JSON: {exc}") from exc
     if not isinstance(record, dict) or not isinstance(record.get("sources"), list) or not record["sources"]:
