@@ -38,6 +38,7 @@ from scipy import ndimage
 
 from segany_pet.curate.sources import NIFTI_ENDINGS, TARGETS, Case, Source, find_cases
 from segany_pet.errors import UserInputError
+from segany_pet.jsonfile import read_json, write_json
 from segany_pet.pet import PETVolume, load_nifti, save_nifti
 from segany_pet.pet.dicom import read_dicom_seg
 
@@ -78,7 +79,7 @@ def prepare_case(case: Case, staging: Path) -> dict:
     try:
         volume, conversion = read_case_image(case)
         check_whole_body_suv(volume)
-        suv, affine = to_ras(volume.suv, volume.affine)
+        suv, affine = reorient_to_ras(volume.suv, volume.affine)
         volume = dataclasses.replace(volume, suv=suv, affine=affine)
         label = read_case_label(case, volume) if case.label else None
         if label is not None and not label.any():
@@ -180,7 +181,7 @@ def read_case_label(case: Case, volume: PETVolume) -> np.ndarray:
         data = np.squeeze(data) if data.ndim > 3 else data
         if data.ndim != 3:
             raise CurationProblem(f"label {case.label.name}: expected a 3D label map, got shape {tuple(data.shape)}")
-        data, affine = to_ras(data, np.asarray(image.affine, dtype=float))
+        data, affine = reorient_to_ras(data, np.asarray(image.affine, dtype=float))
     if data.shape != volume.shape:
         raise CurationProblem(f"label {case.label.name}: grid mismatch, shape {tuple(data.shape)} against the "
                               f"image's {volume.shape}; export the label on the PET grid")
@@ -213,7 +214,7 @@ def read_case_label(case: Case, volume: PETVolume) -> np.ndarray:
     return lookup[data]
 
 
-def to_ras(array: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def reorient_to_ras(array: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The array with its axes reordered and flipped to RAS+, and its affine (same world positions)."""
     orientation = nib.orientations.io_orientation(affine)
     if np.array_equal(orientation, [[0, 1], [1, 1], [2, 1]]):
@@ -423,16 +424,3 @@ def recover_interrupted(datastore, state: Path) -> list[str]:
         log.warning("undid %d cases a killed curation run left half-imported: %s", len(journal), ", ".join(journal))
     (state / JOURNAL).unlink(missing_ok=True)
     return journal
-
-
-def read_json(path: Path, default):
-    try:
-        return json.loads(path.read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return default
-
-
-def write_json(path: Path, value) -> None:
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(json.dumps(value, indent=1))
-    os.replace(partial, path)

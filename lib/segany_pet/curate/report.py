@@ -15,7 +15,8 @@ import nibabel as nib
 import numpy as np
 
 from segany_pet.active.audit import PAGE_STYLE, draw_figure, html_escape, html_table, pyplot_agg
-from segany_pet.curate.importer import PROBLEMS, QC_DIR, STATE, SUV_BINS, read_json
+from segany_pet.curate.importer import PROBLEMS, QC_DIR, STATE, SUV_BINS
+from segany_pet.jsonfile import read_json
 from segany_pet.pet import load_nifti
 
 GALLERY_CASES = 12

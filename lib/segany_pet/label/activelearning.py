@@ -14,7 +14,6 @@ The models: the served model prompted by clicks, and the box replica a CPCL job 
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -33,6 +32,7 @@ from segany_pet.active.scoring import (
     scoring_predictor,
 )
 from segany_pet.errors import UserInputError
+from segany_pet.jsonfile import read_json, write_json
 from segany_pet.label.models import ServedModel
 from segany_pet.model import load_checkpoint
 
@@ -62,10 +62,9 @@ class CrossPromptScoring(ScoringMethod):
 
     def info(self) -> dict:
         record = {**super().info(), "params": {"images": [], "force": False, "threads": 1}}
-        try:
-            record["progress"] = json.loads(self.progress_file.read_text())
-        except (FileNotFoundError, json.JSONDecodeError):
-            pass
+        progress = read_json(self.progress_file)
+        if progress is not None:
+            record["progress"] = progress
         return record
 
     def check_request(self, request: dict, datastore) -> dict:
@@ -121,9 +120,7 @@ class ProgressFile:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         record = {**progress, "state": "finished" if final else "running",
                   "updated": time.strftime("%Y-%m-%dT%H:%M:%S")}
-        partial = self.path.with_name(self.path.name + ".partial")
-        partial.write_text(json.dumps(record))
-        os.replace(partial, self.path)
+        write_json(self.path, record)
         logger.info(progress_line(progress))
 
 

@@ -15,7 +15,6 @@ never half-added (the NIfTI is written aside, then added in one datastore transa
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import tempfile
@@ -25,6 +24,7 @@ from pathlib import Path
 from filelock import FileLock
 
 from segany_pet.errors import UserInputError
+from segany_pet.jsonfile import read_json, write_json
 from segany_pet.label.datastore import PETDatastore
 from segany_pet.pet import read_pet_series, save_nifti
 
@@ -73,7 +73,7 @@ def import_dicom_series(datastore, studies: str | os.PathLike, state_dir: str | 
     state_dir.mkdir(parents=True, exist_ok=True)
     report_path = state_dir / REPORT
     with FileLock(str(report_path) + ".lock"):  # one converting process at a time (server, jobs, a second server)
-        report = _read_report(report_path)
+        report = read_json(report_path, {})
         folders = series_folders(studies)
         for done, folder in enumerate(folders, start=1):
             key = str(folder.relative_to(studies))
@@ -83,7 +83,7 @@ def import_dicom_series(datastore, studies: str | os.PathLike, state_dir: str | 
                                                    or datastore.get_image_uri(image_id)):
                 continue
             report[key] = _convert(datastore, folder, image_id, stamp)
-            _write_report(report_path, report)
+            write_json(report_path, report)
             if on_progress is not None:
                 on_progress({"done": done, "total": len(folders), "folder": key, **report[key]})
     return report
@@ -117,20 +117,7 @@ def add_converted_series(datastore, image_id: str, volume, info: dict) -> None:
 
 def summary(state_dir: str | os.PathLike) -> dict:
     """For /info: counts of converted and refused series, and why each refused one was."""
-    report = _read_report(Path(state_dir) / REPORT)
+    report = read_json(Path(state_dir) / REPORT, {})
     errors = {folder: record["message"] for folder, record in report.items() if record.get("status") == "error"}
     return {"converted": sum(record.get("status") == "converted" for record in report.values()),
             "refused": errors}
-
-
-def _read_report(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return {}
-
-
-def _write_report(path: Path, report: dict) -> None:
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(json.dumps(report, indent=1, default=str))
-    os.replace(partial, path)

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import json
 import logging
 import os
 import shutil
@@ -33,6 +32,7 @@ from pathlib import Path
 from monailabel.interfaces.tasks.train import TrainTask
 
 from segany_pet.errors import UserInputError
+from segany_pet.jsonfile import read_json, write_json
 from segany_pet.label.models import ServedModel
 from segany_pet.train import MODEL_BEST, TrainConfig, make_trainer, records_from_datastore
 from segany_pet.train.cpcl import MODEL_BOX, NOISE_REPORT
@@ -203,9 +203,7 @@ class ProgressWriter:
         self.last_written = now
         record = {**progress, "loss": round(progress["loss"], 5), "eta_seconds": round(progress["eta_seconds"]),
                   "updated": time.strftime("%Y-%m-%dT%H:%M:%S")}
-        partial = self.path.with_name(self.path.name + ".partial")
-        partial.write_text(json.dumps(record))
-        os.replace(partial, self.path)
+        write_json(self.path, record)
         val = progress["val_dice"]
         logger.info("progress: epoch %d/%d, iteration %d/%d, loss %.4f, val Dice (1 click) %s, ETA %s",
                     progress["epoch"], progress["epochs"], progress["iteration"], progress["iterations"],
@@ -229,10 +227,3 @@ def copy_atomically(source: Path, target: Path) -> None:
     shutil.copyfile(source, partial)
     os.replace(partial, target)
     logger.info("published %s as %s", source, target)
-
-
-def read_json(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return None
