@@ -8,6 +8,11 @@ the masks a trained model draws (their size sets the paste, quantify and write c
 reaching the crop's faces adds windows). The table adds the predictor's own share of each click
 (crop + encode + decode + paste, measured in the server), so REST overhead = click / predictor.
 
+OHIF's warm click is timed three ways side by side: from Debian's headless Chromium (``fetch`` from a page
+of the server, as the OHIF panel sends it: the browser decodes the gzip-encoded reply natively), and from
+Python ``requests`` with and without gzip (``Accept-Encoding: identity``: the raw label, the path before
+replies were compressed).
+
     .venv/bin/python scripts/benchmark_server.py [--starts 3] [--warm 5] [--sam PRESET | --model FILE]
 """
 
@@ -25,6 +30,7 @@ from pathlib import Path
 
 import requests
 import torch
+from playwright.sync_api import sync_playwright
 
 from segany_pet.cli import server_command, server_environment
 from segany_pet.label.infer import OHIF_RESULT_PARAMS
@@ -32,6 +38,23 @@ from segany_pet.model import PRESETS, build_model, save_checkpoint
 from segany_pet.pet import save_nifti
 from segany_pet.phantom import generate_case
 from segany_pet.prompts import centre_click
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking"]
+# A click as the OHIF panel sends it, timed in the page until the whole reply is in an ArrayBuffer.
+BROWSER_CLICKS = """async ([path, params, count]) => {
+    const seconds = [];
+    for (let i = 0; i < count; i++) {
+        const form = new FormData();
+        form.append("params", params);
+        const started = performance.now();
+        const reply = await fetch(path, {method: "POST", body: form});
+        if (!reply.ok) throw new Error(`infer answered ${reply.status}: ${await reply.text()}`);
+        await reply.arrayBuffer();
+        seconds.push((performance.now() - started) / 1000);
+    }
+    return seconds;
+}"""
 
 
 def free_port() -> int:
@@ -57,20 +80,27 @@ def start_server(studies: Path, log_path: Path, conf=()) -> tuple[subprocess.Pop
             time.sleep(0.05)
 
 
-def click(url: str, model: str, image: str, voxel: list[int], output: str = "all") -> tuple[float, dict | None]:
+def ohif_params(voxel: list[int]) -> str:
+    return json.dumps({"foreground": [voxel], "background": [], **OHIF_RESULT_PARAMS})
+
+
+def click(url: str, model: str, image: str, voxel: list[int], output: str = "all",
+          encoding: str = "gzip, deflate") -> tuple[float, dict | None]:
     """One click with OHIF's params: (seconds, the server's latencies; None with output=image, as OHIF asks,
     where the reply is the label file alone)."""
-    params = json.dumps({"foreground": [voxel], "background": [], **OHIF_RESULT_PARAMS})
     started = time.perf_counter()
-    response = requests.post(
-        f"{url}/infer/{model}", params={"image": image, "output": output}, data={"params": params}, timeout=300
-    )
+    response = requests.post(f"{url}/infer/{model}", params={"image": image, "output": output},
+                             data={"params": ohif_params(voxel)}, headers={"Accept-Encoding": encoding}, timeout=300)
     elapsed = time.perf_counter() - started
     response.raise_for_status()
     if output == "image":
         return elapsed, None
     reply_params = json.loads(response.content.split(b"\r\n\r\n", 2)[1].split(b"\r\n--")[0])
     return elapsed, reply_params["latencies"]
+
+
+def browser_clicks(page, model: str, image: str, voxel: list[int], count: int) -> list[float]:
+    return page.evaluate(BROWSER_CLICKS, [f"/infer/{model}?image={image}&output=image", ohif_params(voxel), count])
 
 
 def main() -> None:
@@ -113,32 +143,43 @@ def main() -> None:
         process, url, _ = start_server(studies, log_path, conf)
         served_by = f" ({args.sam}, random weights)" if args.sam else f" ({args.model})" if args.model else ""
         print(f"clicks on {model}{served_by}\n")
-        try:
-            predictor_parts = ("crop", "encode", "decode", "paste")
-            print("| scan | shape | cold click (s) | warm click median (s): OHIF / with params | cold / warm "
-                  "| warm server-side (s) |" + (" warm click / predictor: OHIF / with params |" if sam else ""))
-            print("|---|---|---|---|---|---|" + ("---|" if sam else ""))
-            for name, (voxel, shape) in clicks.items():
-                cold, _ = click(url, model, name, voxel)
-                # output=image is OHIF's request (the label file alone); output=all adds the reply params
-                # (PET numbers, latencies) in a multipart reply, as the Python client and Slicer read them.
-                ohif = statistics.median(click(url, model, name, voxel, "image")[0] for _ in range(args.warm))
-                warm_runs = [click(url, model, name, voxel) for _ in range(args.warm)]
-                warm = statistics.median(seconds for seconds, _ in warm_runs)
-                server_side = ", ".join(
-                    f"{part} {statistics.median(latencies[part] for _, latencies in warm_runs):.3f}"
-                    for part in warm_runs[0][1]
-                )
-                size = "x".join(map(str, shape))
-                row = (f"| {name} | {size} | {cold:.3f} | {ohif:.3f} / {warm:.3f} | {cold / ohif:.1f} "
-                       f"| {server_side} |")
-                if sam:
-                    predictor = statistics.median(sum(lat[p] for p in predictor_parts) for _, lat in warm_runs)
-                    row += f" {ohif / predictor:.1f} / {warm / predictor:.1f} |"
-                print(row)
-        finally:
-            process.terminate()
-            process.wait()
+        with sync_playwright() as driver:
+            browser = driver.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+            page = browser.new_page()
+            page.goto(f"{url}/info/")  # a page of the server's origin, as OHIF's panel is
+            try:
+                predictor_parts = ("crop", "encode", "decode", "paste")
+                print("| scan | shape | cold click (s) | warm OHIF click median (s): Chromium / requests gzip / "
+                      "requests raw | with params (s) | cold / warm | warm server-side (s) |"
+                      + (" warm click / predictor: Chromium / requests raw |" if sam else ""))
+                print("|---|---|---|---|---|---|---|" + ("---|" if sam else ""))
+                for name, (voxel, shape) in clicks.items():
+                    cold, _ = click(url, model, name, voxel)
+                    # output=image is OHIF's request (the label file alone); output=all adds the reply params
+                    # (PET numbers, latencies) in a multipart reply, as the Python client and Slicer read them.
+                    chromium = statistics.median(browser_clicks(page, model, name, voxel, args.warm))
+                    gzipped, raw = (
+                        statistics.median(click(url, model, name, voxel, "image", encoding)[0]
+                                          for _ in range(args.warm))
+                        for encoding in ("gzip, deflate", "identity")
+                    )
+                    warm_runs = [click(url, model, name, voxel) for _ in range(args.warm)]
+                    warm = statistics.median(seconds for seconds, _ in warm_runs)
+                    server_side = ", ".join(
+                        f"{part} {statistics.median(latencies[part] for _, latencies in warm_runs):.3f}"
+                        for part in warm_runs[0][1]
+                    )
+                    size = "x".join(map(str, shape))
+                    row = (f"| {name} | {size} | {cold:.3f} | {chromium:.3f} / {gzipped:.3f} / {raw:.3f} | "
+                           f"{warm:.3f} | {cold / chromium:.1f} | {server_side} |")
+                    if sam:
+                        predictor = statistics.median(sum(lat[p] for p in predictor_parts) for _, lat in warm_runs)
+                        row += f" {chromium / predictor:.1f} / {raw / predictor:.1f} |"
+                    print(row)
+            finally:
+                browser.close()
+                process.terminate()
+                process.wait()
     print(f"\n{os.cpu_count()} CPU cores; requests over HTTP on 127.0.0.1 with OHIF's params")
 
 

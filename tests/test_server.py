@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 
 import nibabel as nib
@@ -78,6 +79,25 @@ def test_ohif_click_returns_nrrd_on_the_image_grid(server, cohort, isolated_lesi
     score = lesion_dice(mask, instances, lesion["id"])
     print(f"OHIF click on {case} lesion {lesion['id']} ({lesion['volume_ml']:.1f} mL): Dice {score:.3f}")
     assert score > 0.5
+
+
+def test_large_replies_go_gzip_encoded_to_clients_that_accept_it(server, isolated_lesion):
+    case, lesion, _ = isolated_lesion
+    params = json.dumps({"foreground": [lesion["centre_voxel"]], "background": [], **OHIF_RESULT_PARAMS})
+    replies = {}
+    for encoding in ("gzip, deflate, br", "identity"):
+        response = requests.post(f"{server}/infer/{MODEL}", params={"image": case, "output": "image"},
+                                 data={"params": params}, headers={"Accept-Encoding": encoding}, stream=True,
+                                 timeout=60)
+        assert response.status_code == 200
+        wire = response.raw.read(decode_content=False)
+        replies[encoding] = (response.headers.get("content-encoding"), wire)
+    (gzip_header, gzipped), (plain_header, plain) = replies.values()
+    print(f"OHIF reply: {len(plain)} bytes raw, {len(gzipped)} gzip-encoded")
+    assert gzip_header == "gzip" and plain_header is None
+    assert len(gzipped) < len(plain) / 10
+    assert gzip.decompress(gzipped) == plain
+    read_nrrd(plain)
 
 
 def test_slicer_click_with_roi_and_pet_numbers(server, cohort, isolated_lesion, tmp_path):

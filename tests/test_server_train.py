@@ -96,7 +96,8 @@ def test_training_on_saved_labels_reports_progress_and_publishes_the_model(train
     before = click(train_server, image, "anna")
     assert before.status_code == 200 and before.json()["model"] == "random_small.pt"
 
-    assert start(train_server, FEW_STEPS).status_code == 200
+    # From random weights a few steps may not beat the start on validation: publish whatever they give.
+    assert start(train_server, {**FEW_STEPS, "validate_start_model": False}).status_code == 200
     job = wait_for(lambda: job_finished(train_server), what="the training job")
     assert job["status"] == "DONE", job
     assert any("progress: epoch 2/2, iteration 6/6" in line for line in job["details"]), job["details"]
@@ -114,6 +115,24 @@ def test_training_on_saved_labels_reports_progress_and_publishes_the_model(train
     assert any("served model changed" in note for note in after.json()["notes"])
     served = client.info()["models"][MODEL]["model"]
     assert served["file"] == str(published) and served["state"] == "ready"
+
+
+def test_a_job_that_does_not_beat_the_served_model_keeps_it(train_server, datastore, labelled):
+    published = datastore / ".segany_pet" / "models" / f"{MODEL}.pt"
+    before = (published.read_bytes(), published.stat().st_mtime_ns)
+    # A learning rate too small to move a weight: no epoch can beat the served model it starts from.
+    assert start(train_server, {**FEW_STEPS, "lr": 1e-20}).status_code == 200
+    job = wait_for(lambda: job_finished(train_server), what="the training job")
+    assert job["status"] == "DONE", job
+    assert any("kept the served model" in line for line in job["details"]), job["details"]
+
+    stats = train_stats(train_server)
+    assert stats["status"] == "finished" and stats["best_metric_epoch"] == 0
+    assert stats["start_model"]["file"] == str(published)
+    assert stats["best_metric"] == stats["start_model"]["val"]["val_dice_1click"] is not None
+    assert (published.read_bytes(), published.stat().st_mtime_ns) == before
+    bad = start(train_server, {**FEW_STEPS, "validate_start_model": "no"})
+    assert bad.status_code == 422 and "validate_start_model must be true or false" in bad.json()["detail"]
 
 
 def test_delete_stops_a_job_cleanly_and_the_next_post_continues_it(train_server, datastore, labelled):

@@ -15,12 +15,13 @@ import numpy as np
 import pytest
 import torch
 
-from segany_pet.model import BOX_CORNER_KEYS, PRESETS, Preset, build_model, load_checkpoint
+from segany_pet.model import BOX_CORNER_KEYS, PRESETS, Preset, build_model, load_checkpoint, save_checkpoint
 from segany_pet.pet import save_nifti
 from segany_pet.phantom import write_cohort
 from segany_pet.phantom.cohort import case_seed, cohort_tracer, draws_negative
 from segany_pet.train import (
     CHECKPOINT_LAST,
+    KEY_METRIC,
     MODEL_BEST,
     TRAIN_STATS,
     CropSampler,
@@ -368,6 +369,24 @@ def test_fine_tuning_from_a_published_style_checkpoint(tmp_path, records, monkey
     with pytest.raises(ValueError, match="asks for 'segany_pet_small'"):
         Trainer(config(tmp_path / "clash", preset="segany_pet_small", init_checkpoint=str(tmp_path / "published.pth")),
                 records).run()
+
+
+def test_fine_tuning_that_does_not_beat_its_start_model_writes_no_best_model(tmp_path, records):
+    torch.manual_seed(2)
+    start = save_checkpoint(build_model(TINY), tmp_path / "start.pt")
+    # A learning rate too small to move a weight: every epoch validates exactly as the start model does.
+    frozen = dict(init_checkpoint=str(start), epochs=2, iterations_per_epoch=1, lr=1e-20, val_cases=1,
+                  val_clicks=1, val_max_lesions=2, val_max_windows=1)
+    stats = Trainer(config(tmp_path / "kept", **frozen), records).run()
+    start_dice = stats["start_model"]["val"][KEY_METRIC]
+    assert stats["status"] == "finished" and start_dice is not None
+    assert [h["val"][KEY_METRIC] for h in stats["history"]] == [start_dice, start_dice]
+    assert stats["best_metric"] == start_dice and stats["best_metric_epoch"] == 0
+    assert not (tmp_path / "kept" / MODEL_BEST).exists()
+
+    stats = Trainer(config(tmp_path / "always", **frozen, validate_start_model=False), records).run()
+    assert stats["start_model"]["val"] is None and stats["best_metric_epoch"] == 1
+    assert (tmp_path / "always" / MODEL_BEST).exists()
 
 
 @pytest.mark.slow

@@ -7,15 +7,21 @@ import inspect
 import json
 import logging
 import time
+import zlib
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.routing import APIRoute
 from monailabel.interfaces.exception import MONAILabelError, MONAILabelException
 
 from segany_pet.errors import UserInputError
 
 logger = logging.getLogger(__name__)
+
+# Infer replies at least this large go gzip-encoded to clients that accept it: a whole-body label is mostly
+# zeros (an autoPET-sized one: 52 MB raw, 0.2 MB at level 1), and browsers decode it natively.
+GZIP_MINIMUM_BYTES = 64 * 1024
+GZIP_LEVEL = 1
 
 
 async def _user_input_error(request: Request, exc: UserInputError) -> JSONResponse:
@@ -62,7 +68,11 @@ def _replace_route(app: FastAPI, router, endpoint, replacement) -> bool:
         logger.warning("MONAI Label's route to %s was not found; it is served unchanged", endpoint.__qualname__)
         return False
     route = found[0]
-    replacement.__signature__ = inspect.signature(endpoint)
+    signature = inspect.signature(endpoint)
+    if "http_request" in inspect.signature(replacement).parameters:  # the replacement also reads the request
+        extra = inspect.Parameter("http_request", inspect.Parameter.KEYWORD_ONLY, annotation=Request)
+        signature = signature.replace(parameters=[*signature.parameters.values(), extra])
+    replacement.__signature__ = signature
     app.router.add_api_route(
         settings.MONAI_LABEL_API_STR + route.path,
         replacement,
@@ -76,6 +86,20 @@ def _replace_route(app: FastAPI, router, endpoint, replacement) -> bool:
     return True
 
 
+def gzip_encoded(reply, http_request: Request):
+    """``reply`` gzip-encoded when the client accepts gzip and the body is large and not gzip already."""
+    body = reply.body
+    accepted = http_request.headers.get("accept-encoding", "")
+    if (len(body) < GZIP_MINIMUM_BYTES or "gzip" not in accepted or "content-encoding" in reply.headers
+            or body[:2] == b"\x1f\x8b"):  # a .nii.gz reply is gzip already
+        return reply
+    compressor = zlib.compressobj(GZIP_LEVEL, zlib.DEFLATED, 16 + zlib.MAX_WBITS)  # 16 +: the gzip container
+    encoded = compressor.compress(body) + compressor.flush()
+    headers = {key: value for key, value in reply.headers.items() if key == "content-disposition"}
+    return Response(content=encoded, status_code=reply.status_code, media_type=reply.media_type,
+                    headers={**headers, "Content-Encoding": "gzip", "Vary": "Accept-Encoding"})
+
+
 def serve_infer_off_the_event_loop(app: FastAPI) -> None:
     """Run ``POST /infer/{model}`` in FastAPI's worker threads instead of on the event loop.
 
@@ -85,19 +109,20 @@ def serve_infer_off_the_event_loop(app: FastAPI) -> None:
 
     The label file OHIF asks for (``output=image``) is sent from memory instead of streamed by
     ``FileResponse``, whose 64 kB chunks each cross a thread: ~0.02 s on a 4 mm whole-body reply
-    (scripts/benchmark_server.py).
+    (scripts/benchmark_server.py); and large replies go gzip-encoded to clients that accept it
+    (`gzip_encoded`).
     """
-    from fastapi.responses import FileResponse, Response
     from monailabel.endpoints import infer as infer_endpoint
 
-    def run_inference_in_worker_thread(background_tasks, model, image, session_id, params, file, label, output, user):
+    def run_inference_in_worker_thread(background_tasks, model, image, session_id, params, file, label, output, user,
+                                       http_request):
         reply = infer_endpoint.run_inference(background_tasks, model, image, session_id, params, file, label, output)
-        if not isinstance(reply, FileResponse):
-            return reply
-        with open(reply.path, "rb") as result:
-            content = result.read()  # MONAI Label's background task removes the file after the reply
-        disposition = {key: value for key, value in reply.headers.items() if key == "content-disposition"}
-        return Response(content=content, media_type=reply.media_type, headers=disposition)
+        if isinstance(reply, FileResponse):
+            with open(reply.path, "rb") as result:
+                content = result.read()  # MONAI Label's background task removes the file after the reply
+            disposition = {key: value for key, value in reply.headers.items() if key == "content-disposition"}
+            reply = Response(content=content, media_type=reply.media_type, headers=disposition)
+        return gzip_encoded(reply, http_request) if isinstance(reply, Response) else reply
 
     _replace_route(app, infer_endpoint.router, infer_endpoint.api_run_inference, run_inference_in_worker_thread)
 

@@ -9,8 +9,10 @@ and to ask a running job to stop (``request_stop``). Files, under ``state_dir``:
 - ``models/<name>.pt``: the published model, which the server serves in place of its configured checkpoint
   from the next click on (``ServedModel.published``).
 
-A job that finished is published; a stopped one is not, and the next ``POST /train/<name>`` continues it
-(``restart: true`` starts anew). A new job starts from the served weights: fine-tuning, not training from
+A job that finished is published if it beat the weights it started from on its validation cases (the trainer
+validates them first: ``validate_start_model``), so retraining never replaces the served model with a worse
+one; a stopped job is not published, and the next ``POST /train/<name>`` continues it (``restart: true``
+starts anew). A new job starts from the served weights: fine-tuning, not training from
 scratch, unless ``init: "random"``.
 
 With ``method: "cpcl"`` (the app's ``segany_pet_cpcl`` task) the job is Cross-Prompt Confidence Learning:
@@ -50,7 +52,7 @@ REQUEST_FIELDS = {
     "clicks_per_sample": int, "val_cases": int, "val_clicks": int, "low_tier_weight": float, "seed": int,
     "threads": int, "cpcl_warmup_epochs": int, "cpcl_agreement_threshold": float,
     "cpcl_uncertainty_threshold": float, "cpcl_uncertain_weight": float, "cpcl_cross_weight": float,
-    "cpcl_cross_confidence": float,
+    "cpcl_cross_confidence": float, "validate_start_model": bool,
 }
 CORRECTED_TAG = "cpcl_corrected"
 DESCRIPTIONS = {
@@ -128,7 +130,10 @@ class PromptableTrainTask(TrainTask):
                     ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(config).items() if k in REQUEST_FIELDS))
         stats = make_trainer(config, records, on_progress=ProgressWriter(self.output_dir / PROGRESS)).run()
         if stats.get("status") == "finished":
-            self.publish()
+            if (self.output_dir / MODEL_BEST).exists():
+                self.publish()
+            else:
+                logger.info("kept the served model: no epoch beat its validation Dice (%s)", stats.get("best_metric"))
             if self.method == "cpcl":
                 self.save_corrected_labels(datastore)
         return {key: stats.get(key) for key in ("status", "epoch", "step", "best_metric", "best_metric_epoch")}
@@ -212,8 +217,13 @@ class ProgressWriter:
 
 
 def typed(key: str, value):
-    """A request value as its TrainConfig type: JSON numbers only (2.0 is an int, 2.5 and "2" are not)."""
+    """A request value as its TrainConfig type: JSON numbers only (2.0 is an int, 2.5 and "2" are not), JSON
+    true/false for switches."""
     kind = REQUEST_FIELDS[key]
+    if kind is bool:
+        if not isinstance(value, bool):
+            raise UserInputError(f"{key} must be true or false, not {value!r}")
+        return value
     number = isinstance(value, int | float) and not isinstance(value, bool)
     if not number or (kind is int and not float(value).is_integer()):
         raise UserInputError(f"{key} must be {'an integer' if kind is int else 'a number'}, not {value!r}")

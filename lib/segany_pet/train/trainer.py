@@ -149,6 +149,9 @@ class TrainConfig:
     val_max_lesions: int = 10
     val_class: str = "lesion"
     val_max_windows: int = 2
+    # Fine-tuning (init_checkpoint) with validation cases: validate the start weights first, so only an epoch
+    # that beats them becomes model_best.pt; a job that never does writes none (the served model stays).
+    validate_start_model: bool = True
     # Continue from output_dir/checkpoint_last.pt when it exists.
     resume: bool = True
     # A file whose existence requests a stop (checked every step); None: output_dir/STOP.
@@ -455,16 +458,23 @@ class Trainer:
         self.scheduler = self._scheduler(self.optimizer)
 
         state = {"epoch": 0, "step": 0, "history": [], "best_metric": None, "best_metric_epoch": None,
-                 "start_ts": int(time.time()), "trained_seconds": 0.0}
+                 "start_ts": int(time.time()), "trained_seconds": 0.0, "start_val": None}
         running = dict(RUNNING_START)  # this epoch's sums on this rank
         last = self.output_dir / CHECKPOINT_LAST
         if config.resume and last.exists():
             record = self._load_last(last)
-            state = {key: record[key] for key in state}
+            state = {key: record.get(key, default) for key, default in state.items()}
             mine = record["ranks"][context.rank]
             running = dict(mine["running"])
             if context.is_main:
                 log.info("resuming from %s at epoch %d, step %d", last, state["epoch"], state["step"])
+
+        if (context.is_main and val_cases and config.init_checkpoint and config.validate_start_model
+                and state["step"] == 0 and state["start_val"] is None):
+            state["start_val"] = self.validate(val_cases)
+            state["best_metric"], state["best_metric_epoch"] = state["start_val"][KEY_METRIC], 0
+            log.info("start model %s: val Dice 1 click %.3f; an epoch must beat it to become %s",
+                     config.init_checkpoint, state["best_metric"], MODEL_BEST)
 
         if context.active:
             device_ids = [context.device.index] if context.device.type == "cuda" else None
@@ -475,7 +485,8 @@ class Trainer:
         session_started = time.perf_counter()
         step_seconds: list[float] = []
         val_seconds = next((h["val"].get("val_seconds", 0.0) for h in reversed(state["history"]) if h.get("val")), 0.0)
-        last_val = next((h["val"].get(KEY_METRIC) for h in reversed(state["history"]) if h.get("val")), None)
+        last_val = next((h["val"].get(KEY_METRIC) for h in reversed(state["history"]) if h.get("val")),
+                        (state["start_val"] or {}).get(KEY_METRIC))
         status = "finished"
         epoch_started = time.perf_counter()
         try:
@@ -540,6 +551,9 @@ class Trainer:
         finally:
             bar.close()
         if context.is_main and status == "finished":
+            if state["best_metric_epoch"] == 0:
+                log.info("no epoch beat the start model's val Dice %.3f: %s not written", state["best_metric"],
+                         MODEL_BEST)
             self._after_training()
         stats = self._write_stats(state, status, step_seconds) if context.is_main else {}
         return stats
@@ -616,8 +630,9 @@ class Trainer:
             "batch_size": self.config.batch_size,
             "world_size": self.context.world_size,
             "best_metric": state["best_metric"],
-            "best_metric_epoch": state["best_metric_epoch"],
+            "best_metric_epoch": state["best_metric_epoch"],  # 0: no epoch beat the start model
             "key_metric_name": KEY_METRIC,
+            "start_model": {"file": self.config.init_checkpoint, "val": state["start_val"]},
             "train": {"loss": [h["loss"] for h in history]},
             "eval": {
                 "metrics": last_val or {},
