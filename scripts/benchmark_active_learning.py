@@ -165,9 +165,9 @@ def main() -> None:
         results["label_review"] = review
         (args.out / "results.json").write_text(json.dumps(results, indent=1))
         area = "-" if review["auroc"] is None else f"{review['auroc']:.2f}"  # None: one class only
-        print(f"label review: {review['cases']} labels, {review['corrupted']} corrupted; AUROC {area}, precision top 10% {review['precision_top10']:.2f}, top half "
-              f"{review['precision_top_half']:.2f} (recall {review['recall_top_half']:.2f}); "
-              f"{review['seconds']} s scoring")
+        print(f"label review: {review['cases']} labels, {review['corrupted']} corrupted; AUROC {area}, precision "
+              f"top 10% {review['precision_top10']:.2f}, top half {review['precision_top_half']:.2f} "
+              f"(recall {review['recall_top_half']:.2f}); {review['seconds']} s scoring")
         for rank, row in enumerate(review["ranking"], start=1):
             print(f"  {rank:2d} {row['id']} score {row['label_noise_score']:.3f} "
                   f"{'CORRUPTED ' + '+'.join(row['operations']) if row['corrupted'] else 'clean'} "

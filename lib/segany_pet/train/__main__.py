@@ -48,7 +48,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m segany_pet.train"
     tiers = json.loads(open(args.tiers).read()) if args.tiers else None
     stats = make_trainer(TrainConfig.from_dict(options), records_from_folder(args.images, args.labels, tiers)).run()
     if stats:
-        print(json.dumps({k: stats[k] for k in ("status", "epoch", "step", "best_metric", "best_metric_epoch") if k in stats}))
+        shown = ("status", "epoch", "step", "best_metric", "best_metric_epoch")  # epoch 0: the start model stayed best
+        print(json.dumps({k: stats[k] for k in shown if k in stats}))
     return 0
 
 
