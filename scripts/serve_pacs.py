@@ -5,7 +5,7 @@
 Starts Debian's Orthanc (loopback only, DIMSE and remote access off, its database in --storage, which persists
 between runs), uploads every DICOM file under --upload, starts the app with Orthanc's DICOMweb as its studies,
 and prints an OHIF link per PET study. Ctrl-C stops both. In OHIF, open the MONAI Label panel, press the
-connect button, then click on a lesion under Point Prompts.
+connect button, then click on a lesion under Point Prompts; Save label stores the mask on the PACS as DICOM-SEG.
 """
 
 from __future__ import annotations

@@ -18,6 +18,7 @@ from pathlib import Path
 import nibabel as nib
 import nrrd
 import numpy as np
+import pydicom
 import pytest
 import requests
 
@@ -200,3 +201,17 @@ def upload_to_orthanc(url: str, files) -> None:
         response = requests.post(f"{url}/instances", data=Path(path).read_bytes(),
                                  headers={"Content-Type": "application/dicom"}, timeout=30)
         assert response.status_code == 200, response.text
+
+
+def seg_series(url: str) -> list[str]:
+    """The series UIDs of the DICOM-SEGs in an Orthanc, through its DICOMweb API."""
+    return [s["0020000E"]["Value"][0] for s in
+            requests.get(f"{url}/dicom-web/series", params={"Modality": "SEG"}, timeout=30).json()]
+
+
+def orthanc_instance(url: str, series_uid: str) -> pydicom.Dataset:
+    """The (first) instance of a series, fetched through Orthanc's own REST API."""
+    found = requests.post(f"{url}/tools/find", json={"Level": "Instance", "Query": {"SeriesInstanceUID": series_uid}},
+                          timeout=30).json()
+    content = requests.get(f"{url}/instances/{found[0]}/file", timeout=30).content
+    return pydicom.dcmread(io.BytesIO(content))

@@ -3,7 +3,6 @@ referencing the PET series on the same geometry, a PACS that cannot be reached a
 
 from __future__ import annotations
 
-import io
 import json
 
 import nibabel as nib
@@ -15,7 +14,15 @@ import requests
 
 from segany_pet.pet import save_nifti
 from segany_pet.phantom.dicom import write_pet_series
-from support import free_port, running_orthanc, running_server, small_scan, upload_to_orthanc
+from support import (
+    free_port,
+    orthanc_instance,
+    running_orthanc,
+    running_server,
+    seg_series,
+    small_scan,
+    upload_to_orthanc,
+)
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
 
@@ -67,29 +74,31 @@ def served_image(server: str, series_uid: str, folder) -> nib.Nifti1Image:
     return nib.load(folder / "served.nii.gz")
 
 
-def orthanc_instance(url: str, series_uid: str) -> pydicom.Dataset:
-    """The (first) instance of a series, fetched through Orthanc's own REST API."""
-    found = requests.post(f"{url}/tools/find", json={"Level": "Instance", "Query": {"SeriesInstanceUID": series_uid}},
-                          timeout=30).json()
-    content = requests.get(f"{url}/instances/{found[0]}/file", timeout=30).content
-    return pydicom.dcmread(io.BytesIO(content))
+def put_final_label(server: str, series_uid: str, path, label_info=None) -> requests.Response:
+    params = {"label_info": label_info} if label_info else {}
+    with open(path, "rb") as file:
+        return requests.put(f"{server}/datastore/label", params={"image": series_uid, "tag": "final"},
+                            files={"label": (path.name, file)}, data={"params": json.dumps(params)}, timeout=120)
 
 
-def test_a_final_label_is_stored_as_dicom_seg_on_the_pet_geometry(pacs, server, tmp_path):
+@pytest.mark.parametrize("label_format", ["nifti", "ohif_bin"])
+def test_a_final_label_is_stored_as_dicom_seg_on_the_pet_geometry(pacs, server, tmp_path, label_format):
     url, series_uid, _, _ = pacs
     served = served_image(server, series_uid, tmp_path)
     label = np.zeros(served.shape, np.uint8)
     label[10:14, 12:15, 8:11] = 1
-    save_nifti(label, served.affine, tmp_path / "label.nii.gz")
-    with open(tmp_path / "label.nii.gz", "rb") as file:
-        response = requests.put(f"{server}/datastore/label", params={"image": series_uid, "tag": "final"},
-                                files={"label": file}, timeout=120,
-                                data={"params": json.dumps({"label_info": [{"name": "lesion", "idx": 1}]})})
+    if label_format == "nifti":
+        path = tmp_path / "label.nii.gz"
+        save_nifti(label, served.affine, path)
+    else:  # OHIF's MONAI Label client: the voxels alone, first axis fastest
+        path = tmp_path / "label.bin"
+        path.write_bytes(label.tobytes(order="F"))
+    segs_before = seg_series(url)
+    response = put_final_label(server, series_uid, path, [{"name": "lesion", "idx": 1}])
     assert response.status_code == 200, response.text
 
-    segs = requests.get(f"{url}/dicom-web/series", params={"Modality": "SEG"}, timeout=30).json()
-    assert len(segs) == 1
-    seg = orthanc_instance(url, segs[0]["0020000E"]["Value"][0])
+    (new_seg,) = set(seg_series(url)) - set(segs_before)
+    seg = orthanc_instance(url, new_seg)
     assert [str(item.SeriesInstanceUID) for item in seg.ReferencedSeriesSequence] == [series_uid]
     result = pydicom_seg.MultiClassReader().read(seg)
     # The SEG's voxels sit where the label's did, in world millimetres (LPS).
@@ -101,13 +110,20 @@ def test_a_final_label_is_stored_as_dicom_seg_on_the_pet_geometry(pacs, server, 
     np.testing.assert_allclose(np.sort(seg_world, axis=0), np.sort(label_world, axis=0), atol=1e-3)
     assert requests.get(f"{server}/datastore/", timeout=60).json()["completed"] == 1
 
-    # An empty label is refused before anything reaches the PACS.
-    save_nifti(np.zeros_like(label), served.affine, tmp_path / "empty.nii.gz")
-    with open(tmp_path / "empty.nii.gz", "rb") as file:
-        response = requests.put(f"{server}/datastore/label", params={"image": series_uid, "tag": "final"},
-                                files={"label": file}, timeout=120)
+
+def test_a_label_that_cannot_be_stored_never_reaches_the_pacs(pacs, server, tmp_path):
+    url, series_uid, _, _ = pacs
+    served = served_image(server, series_uid, tmp_path)
+    segs_before = seg_series(url)
+    save_nifti(np.zeros(served.shape, np.uint8), served.affine, tmp_path / "empty.nii.gz")
+    response = put_final_label(server, series_uid, tmp_path / "empty.nii.gz")
     assert response.status_code == 422 and "label is empty" in response.json()["detail"]
-    assert len(requests.get(f"{url}/dicom-web/series", params={"Modality": "SEG"}, timeout=30).json()) == 1
+
+    (tmp_path / "label.bin").write_bytes(bytes(served.shape[0] * served.shape[1]))  # one slice's worth
+    response = put_final_label(server, series_uid, tmp_path / "label.bin")
+    assert response.status_code == 422, response.text
+    assert f"label.bin holds {served.shape[0] * served.shape[1]} voxels" in response.json()["detail"]
+    assert seg_series(url) == segs_before
 
 
 def test_labels_and_scores_outlast_a_restart(pacs, server, cache, tmp_path):

@@ -8,11 +8,21 @@ import shutil
 from pathlib import Path
 from urllib.parse import parse_qs
 
+import numpy as np
 import pydicom
+import pydicom_seg
 import pytest
 
 from segany_pet.phantom.dicom import write_pet_series
-from support import read_nrrd, running_orthanc, running_server, small_scan, upload_to_orthanc
+from support import (
+    orthanc_instance,
+    read_nrrd,
+    running_orthanc,
+    running_server,
+    seg_series,
+    small_scan,
+    upload_to_orthanc,
+)
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
 
@@ -71,12 +81,35 @@ def test_a_click_in_ohif_returns_a_mask_into_the_viewer(tmp_path):
                 assert "/infer/segany_pet?" in response.url
                 params = form_params(response.request.post_data_buffer)
                 assert len(params["foreground"]) >= 1 and params["result_extension"] == ".nrrd"
-                _, mask = read_nrrd(response.body())
+                header, mask = read_nrrd(response.body())
                 click = params["foreground"][-1]
                 print(f"OHIF click at voxel {click}: mask of {int(mask.sum())} voxels")
                 assert mask.shape == volume.shape and mask[tuple(click)] > 0  # the clicked object, on the PET grid
                 page.wait_for_timeout(3000)  # the viewer draws the labelmap
                 page.screenshot(path=tmp_path / "ohif_point_prompt.png")
                 print(f"screenshot: {tmp_path / 'ohif_point_prompt.png'}")
+
+                # The project's Save label button stores the panel's segmentation in the PACS as DICOM-SEG.
+                save_button = page.locator("#segany-pet-save-label")
+                with page.expect_response(lambda r: "/datastore/label" in r.url, timeout=120_000) as saved:
+                    save_button.click()
+                assert saved.value.request.method == "PUT" and saved.value.status == 200, saved.value.text()
+                series_uid = str(pydicom.dcmread(files[0], stop_before_pixels=True).SeriesInstanceUID)
+                assert f"image={series_uid}" in saved.value.url
+                (seg_uid,) = seg_series(pacs)
+                seg = orthanc_instance(pacs, seg_uid)
+                assert [str(item.SeriesInstanceUID) for item in seg.ReferencedSeriesSequence] == [series_uid]
+                # The SEG holds the mask the click drew, voxel for voxel, in world millimetres (LPS).
+                stored = pydicom_seg.MultiClassReader().read(seg)
+                seg_voxels = np.argwhere(stored.data > 0)[:, ::-1]  # (x, y, z) of the SEG's own grid
+                seg_world = np.asarray(stored.origin) + (seg_voxels * np.asarray(stored.spacing)) @ np.asarray(
+                    stored.direction).T
+                directions = np.asarray(header["space directions"], dtype=float)  # the reply's grid, RAS
+                mask_world = (np.argwhere(mask > 0) @ directions + header["space origin"]) * [-1, -1, 1]
+                print(f"saved from OHIF: DICOM-SEG {seg_uid} of {len(seg_world)} voxels")
+                assert len(seg_world) == len(mask_world)
+                np.testing.assert_allclose(np.sort(seg_world, axis=0), np.sort(mask_world, axis=0), atol=1e-3)
+                page.wait_for_function("document.getElementById('segany-pet-save-label').dataset.lastResult")
+                assert save_button.get_attribute("data-last-result").startswith("success")
             finally:
                 browser.close()

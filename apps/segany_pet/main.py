@@ -115,6 +115,7 @@ class SegAnyPETApp(MONAILabelApp):
         from monailabel.app import app as fastapi_app
 
         from segany_pet.label.server import (
+            add_ohif_save_button,
             check_and_stop_training,
             check_scoring_requests,
             install_error_handlers,
@@ -129,6 +130,7 @@ class SegAnyPETApp(MONAILabelApp):
                              args=(self.datastore(), self.studies, self.state_dir)).start()
         install_error_handlers(fastapi_app)
         serve_infer_off_the_event_loop(fastapi_app)
+        add_ohif_save_button(fastapi_app)
         check_and_stop_training(fastapi_app, self._trainers, self.datastore())
         check_scoring_requests(fastapi_app, self._scoring_methods, self.datastore())
         serve_leased_strategies(fastapi_app, self, {"disagreement", "label_review"})

@@ -13,14 +13,21 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import shutil
+import tempfile
 import threading
 import time
 
+import nibabel as nib
+import numpy as np
 from filelock import FileLock
 from monailabel.datastore.local import DataModel, ImageLabelModel, LocalDatastore, LocalDatastoreModel
 from monailabel.interfaces.exception import ImageNotFoundException, LabelNotFoundException
+
+from segany_pet.errors import UserInputError
+from segany_pet.pet import save_nifti
 
 logger = logging.getLogger(__name__)
 
@@ -120,7 +127,37 @@ class PETDatastore(LocalDatastore):
             self._datastore.objects[image_id] = ImageLabelModel(image=DataModel(info=info, ext=extension))
         return image_id
 
+    @contextlib.contextmanager
+    def label_as_file(self, image_id: str, label_filename: str):
+        """The label file to store: as given, or for OHIF's ``label.bin`` (its MONAI Label client's format:
+        the image's voxels as uint8, first axis fastest) a NIfTI on the image's grid, removed afterwards."""
+        if not label_filename.endswith(".bin"):
+            yield label_filename
+            return
+        image_file = self.get_image_uri(image_id)
+        if not image_file:
+            raise ImageNotFoundException(f"Image {image_id} not found")
+        image = nib.load(image_file)
+        shape = image.shape[:3]
+        voxels = np.fromfile(label_filename, dtype=np.uint8)
+        if voxels.size != math.prod(shape):
+            raise UserInputError(
+                f"label.bin holds {voxels.size} voxels; image {image_id} has {math.prod(shape)} "
+                f"({'x'.join(map(str, shape))}): save a label drawn on this image"
+            )
+        handle, converted = tempfile.mkstemp(suffix=".nii.gz", prefix="segany_pet_label_")
+        os.close(handle)
+        try:
+            save_nifti(voxels.reshape(shape, order="F"), image.affine, converted)
+            yield converted
+        finally:
+            os.unlink(converted)
+
     def save_label(self, image_id: str, label_filename: str, label_tag: str, label_info: dict) -> str:
+        with self.label_as_file(image_id, label_filename) as label_file:
+            return self._store_label(image_id, label_file, label_tag, label_info)
+
+    def _store_label(self, image_id: str, label_filename: str, label_tag: str, label_info: dict) -> str:
         _, extension = self._to_id(os.path.basename(label_filename))
         name = self._filename(image_id, extension)
         with self._transaction():

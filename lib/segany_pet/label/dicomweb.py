@@ -120,6 +120,9 @@ class PETDICOMWebDatastore(DICOMWebDatastore, PETDatastore):
 
     def save_label(self, image_id: str, label_filename: str, label_tag: str, label_info: dict,
                    label_id: str = "") -> str:
+        return PETDatastore.save_label(self, image_id, label_filename, label_tag, label_info)  # not MONAI Label's
+
+    def _store_label(self, image_id: str, label_filename: str, label_tag: str, label_info: dict) -> str:
         """A ``final`` label goes to the PACS as DICOM-SEG first, then into the local cache; other tags stay
         local."""
         label_info = dict(label_info or {})
@@ -138,7 +141,7 @@ class PETDICOMWebDatastore(DICOMWebDatastore, PETDatastore):
                                            f"({exc}); the label was not saved") from exc
             finally:
                 os.unlink(seg_file)
-        return PETDatastore.save_label(self, image_id, label_filename, label_tag, label_info)
+        return PETDatastore._store_label(self, image_id, label_filename, label_tag, label_info)
 
 
 def check_seg_references(seg_file: str, series_uid: str) -> None:

@@ -8,6 +8,7 @@ import json
 import logging
 import time
 import zlib
+from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, Response
@@ -73,17 +74,36 @@ def _replace_route(app: FastAPI, router, endpoint, replacement) -> bool:
         extra = inspect.Parameter("http_request", inspect.Parameter.KEYWORD_ONLY, annotation=Request)
         signature = signature.replace(parameters=[*signature.parameters.values(), extra])
     replacement.__signature__ = signature
-    app.router.add_api_route(
-        settings.MONAI_LABEL_API_STR + route.path,
-        replacement,
-        methods=list(route.methods),
-        summary=route.summary,
-        tags=route.tags,
-        responses=route.responses,
-        name=route.name,
-    )
-    app.router.routes.insert(0, app.router.routes.pop())
+    _add_route_first(app, settings.MONAI_LABEL_API_STR + route.path, replacement, methods=list(route.methods),
+                     summary=route.summary, tags=route.tags, responses=route.responses, name=route.name)
     return True
+
+
+def _add_route_first(app: FastAPI, path: str, endpoint, **options) -> None:
+    """A route that matches before MONAI Label's (see `_replace_route`)."""
+    app.router.add_api_route(path, endpoint, **options)
+    app.router.routes.insert(0, app.router.routes.pop())
+
+
+def add_ohif_save_button(app: FastAPI) -> None:
+    """Serve the bundled OHIF's ``app-config.js`` with ``ohif_save_label.js`` after it: a "Save label" button
+    that stores the MONAI Label panel's segmentation as the series' final label (OHIF's MONAI Label mode has
+    none). OHIF loads app-config.js first on every page, so the add-on needs no rebuilt viewer."""
+    from monailabel.config import settings
+    from monailabel.endpoints import ohif
+
+    app_config = Path(ohif.__file__).parent / "static" / "ohif" / "app-config.js"
+    addon = Path(__file__).with_name("ohif_save_label.js")
+    if not app_config.exists():
+        logger.warning("%s not found: OHIF is served without the Save label button", app_config)
+        return
+
+    def app_config_with_save_button():
+        script = app_config.read_text(encoding="utf-8") + "\n" + addon.read_text(encoding="utf-8")
+        return Response(content=script, media_type="application/javascript", headers={"Cache-Control": "no-cache"})
+
+    _add_route_first(app, settings.MONAI_LABEL_API_STR + "/ohif/app-config.js", app_config_with_save_button,
+                     methods=["GET"], include_in_schema=False)
 
 
 def gzip_encoded(reply, http_request: Request):
