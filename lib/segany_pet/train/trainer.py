@@ -472,9 +472,10 @@ class Trainer:
         if (context.is_main and val_cases and config.init_checkpoint and config.validate_start_model
                 and state["step"] == 0 and state["start_val"] is None):
             state["start_val"] = self.validate(val_cases)
-            state["best_metric"], state["best_metric_epoch"] = state["start_val"][KEY_METRIC], 0
-            log.info("start model %s: val Dice 1 click %.3f; an epoch must beat it to become %s",
-                     config.init_checkpoint, state["best_metric"], MODEL_BEST)
+            if state["start_val"][KEY_METRIC] is not None:  # None: no validation lesion to score
+                state["best_metric"], state["best_metric_epoch"] = state["start_val"][KEY_METRIC], 0
+                log.info("start model %s: val Dice 1 click %.3f; an epoch must beat it to become %s",
+                         config.init_checkpoint, state["best_metric"], MODEL_BEST)
 
         if context.active:
             device_ids = [context.device.index] if context.device.type == "cuda" else None
