@@ -19,8 +19,8 @@ disagreement raise held-out Dice faster than annotating in random order?
    as a table, plotted to ``OUT/learning_curve.png``, all figures in ``OUT/results.json``.
 
     .venv/bin/python scripts/benchmark_active_learning.py [--review-cases 20] [--corrupt-rate 0.5]
-        [--seed-cases 4] [--pool-cases 20] [--test-cases 6] [--rounds 3] [--per-round 4] [--steps 150]
-        [--seed 0] [--out work/active_learning]
+        [--seed-cases 4] [--seed-steps 300] [--pool-cases 20] [--test-cases 6] [--rounds 3] [--per-round 4]
+        [--steps 150] [--seed 0] [--skip-review | --skip-rounds] [--out work/active_learning]
 """
 
 from __future__ import annotations
@@ -152,8 +152,8 @@ def main() -> None:
     parser.add_argument("--per-round", type=int, default=4)
     parser.add_argument("--steps", type=int, default=150, help="fine-tuning steps per round")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--skip-review", action="store_true")
-    parser.add_argument("--skip-rounds", action="store_true")
+    parser.add_argument("--skip-review", action="store_true", help="annotation rounds only")
+    parser.add_argument("--skip-rounds", action="store_true", help="label review only")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=REPO / "work" / "active_learning")
     args = parser.parse_args()
