@@ -9,9 +9,10 @@ reaching the crop's faces adds windows). The table adds the predictor's own shar
 (crop + encode + decode + paste, measured in the server), so REST overhead = click / predictor.
 
 OHIF's warm click is timed three ways side by side: from Debian's headless Chromium (``fetch`` from a page
-of the server, as the OHIF panel sends it: the browser decodes the gzip-encoded reply natively), and from
-Python ``requests`` with and without gzip (``Accept-Encoding: identity``: the raw label, the path before
-replies were compressed).
+of the server, as the OHIF panel sends it: the browser decodes the deflate-encoded reply natively), and from
+Python ``requests`` with and without compression (``Accept-Encoding: identity``: the raw label, the path
+before replies were compressed). Last, the reply's encoding on its own: `deflate_sparse` against zlib over
+the whole body, on each scan's raw reply.
 
     .venv/bin/python scripts/benchmark_server.py [--starts 3] [--warm 5] [--sam PRESET | --model FILE]
 """
@@ -26,6 +27,7 @@ import statistics
 import subprocess
 import tempfile
 import time
+import zlib
 from pathlib import Path
 
 import requests
@@ -34,6 +36,7 @@ from playwright.sync_api import sync_playwright
 
 from segany_pet.cli import server_command, server_environment
 from segany_pet.label.infer import OHIF_RESULT_PARAMS
+from segany_pet.label.server import DEFLATE_LEVEL, deflate_sparse
 from segany_pet.model import PRESETS, build_model, save_checkpoint
 from segany_pet.pet import save_nifti
 from segany_pet.phantom import generate_case
@@ -103,6 +106,25 @@ def browser_clicks(page, model: str, image: str, voxel: list[int], count: int) -
     return page.evaluate(BROWSER_CLICKS, [f"/infer/{model}?image={image}&output=image", ohif_params(voxel), count])
 
 
+def encoding_row(url: str, model: str, name: str, voxel: list[int], repeats: int = 3) -> str:
+    """The reply's encoding alone, in this process: deflate_sparse against zlib over the whole body."""
+    body = requests.post(f"{url}/infer/{model}", params={"image": name, "output": "image"},
+                         data={"params": ohif_params(voxel)}, headers={"Accept-Encoding": "identity"},
+                         timeout=300).content
+    seconds = {}
+    encoders = {"zlib": lambda: zlib.compress(body, DEFLATE_LEVEL), "sparse": lambda: deflate_sparse(body)}
+    for label, encode in encoders.items():
+        runs = []
+        for _ in range(repeats):
+            started = time.perf_counter()
+            encoded = encode()
+            runs.append(time.perf_counter() - started)
+        seconds[label] = (statistics.median(runs), len(encoded))
+    (zlib_s, zlib_n), (sparse_s, sparse_n) = seconds["zlib"], seconds["sparse"]
+    return (f"| {name} | {len(body) / 1e6:.1f} MB | {zlib_s:.4f} s ({zlib_n / 1e3:.0f} kB) | "
+            f"{sparse_s:.4f} s ({sparse_n / 1e3:.0f} kB) | {zlib_s / sparse_s:.1f}x |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--starts", type=int, default=3, help="server starts to time")
@@ -149,7 +171,7 @@ def main() -> None:
             page.goto(f"{url}/info/")  # a page of the server's origin, as OHIF's panel is
             try:
                 predictor_parts = ("crop", "encode", "decode", "paste")
-                print("| scan | shape | cold click (s) | warm OHIF click median (s): Chromium / requests gzip / "
+                print("| scan | shape | cold click (s) | warm OHIF click median (s): Chromium / requests deflate / "
                       "requests raw | with params (s) | cold / warm | warm server-side (s) |"
                       + (" warm click / predictor: Chromium / requests raw |" if sam else ""))
                 print("|---|---|---|---|---|---|---|" + ("---|" if sam else ""))
@@ -158,7 +180,7 @@ def main() -> None:
                     # output=image is OHIF's request (the label file alone); output=all adds the reply params
                     # (PET numbers, latencies) in a multipart reply, as the Python client and Slicer read them.
                     chromium = statistics.median(browser_clicks(page, model, name, voxel, args.warm))
-                    gzipped, raw = (
+                    encoded, raw = (
                         statistics.median(click(url, model, name, voxel, "image", encoding)[0]
                                           for _ in range(args.warm))
                         for encoding in ("gzip, deflate", "identity")
@@ -170,12 +192,16 @@ def main() -> None:
                         for part in warm_runs[0][1]
                     )
                     size = "x".join(map(str, shape))
-                    row = (f"| {name} | {size} | {cold:.3f} | {chromium:.3f} / {gzipped:.3f} / {raw:.3f} | "
+                    row = (f"| {name} | {size} | {cold:.3f} | {chromium:.3f} / {encoded:.3f} / {raw:.3f} | "
                            f"{warm:.3f} | {cold / chromium:.1f} | {server_side} |")
                     if sam:
                         predictor = statistics.median(sum(lat[p] for p in predictor_parts) for _, lat in warm_runs)
                         row += f" {chromium / predictor:.1f} / {raw / predictor:.1f} |"
                     print(row)
+                print(f"\n| scan | raw reply | zlib level {DEFLATE_LEVEL}, whole body | deflate_sparse | speed-up |")
+                print("|---|---|---|---|---|")
+                for name, (voxel, _) in clicks.items():
+                    print(encoding_row(url, model, name, voxel))
             finally:
                 browser.close()
                 process.terminate()
