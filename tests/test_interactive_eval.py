@@ -63,7 +63,7 @@ class GroundTruthOracle:
     def set_volume(self, volume, volume_id=None):
         return self
 
-    def predict(self, foreground=(), background=(), box=None, previous=None):
+    def predict(self, foreground=(), background=(), box=None, previous=None, edge=None):
         clicks = [*(previous.foreground if previous else ()), *(tuple(c) for c in foreground)]
         ids = {int(self.truth[c]) for c in clicks} - {0}
         mask = np.isin(self.truth, list(ids)) if self.perfect else np.zeros(self.truth.shape, bool)

@@ -10,6 +10,7 @@ import threading
 import time
 
 import nibabel as nib
+import numpy as np
 import pytest
 import requests
 from monailabel.client import MONAILabelClient
@@ -58,6 +59,33 @@ def test_ohif_click_returns_a_mask_on_the_image_grid_with_pet_numbers(server, co
     assert {"iou", "windows", "cache_hit", "quantification", "latencies", "label_names"} <= set(reply)
     assert {"load", "crop", "encode", "decode", "paste", "quantify", "write", "total"} <= set(reply["latencies"])
     assert reply["clicks"] == {"foreground": 1, "background": 0}
+
+
+def test_ohif_label_sent_from_memory_matches_the_label_written_to_a_file(server, scan):
+    case, centre = scan
+    click = {"foreground": [centre], "background": [], "edge": "model"}
+    from_memory = infer(server, MODEL, case, {**click, **OHIF_RESULT_PARAMS}, "image")
+    from_file = infer(server, MODEL, case, {**click, **OHIF_RESULT_PARAMS, "result_compress": True}, "image")
+    assert from_memory.status_code == from_file.status_code == 200, (from_memory.text, from_file.text)
+    memory_header, memory_mask = read_nrrd(from_memory.content)
+    file_header, file_mask = read_nrrd(from_file.content)
+    assert memory_header["encoding"] == "raw" and file_header["encoding"] == "gzip"
+    for field in ("sizes", "space directions", "space origin"):
+        np.testing.assert_array_equal(memory_header[field], file_header[field])
+    np.testing.assert_array_equal(memory_mask, file_mask)
+    assert from_memory.headers["content-disposition"].endswith('.nrrd"')
+
+
+def test_edge_is_chosen_per_click_and_reported(server, scan):
+    case, centre = scan
+    models = MONAILabelClient(server).info()["models"]
+    assert models[MODEL]["config"]["edge"] == ["relative_41", "model", "relative_50"]
+    reply = infer(server, MODEL, case, {"foreground": [centre], "edge": "model"}).json()
+    assert reply["edge"] == "model" and "edge" in reply["latencies"]
+    default = infer(server, MODEL, case, {"foreground": [centre]}).json()
+    assert default["edge"] in ("model", "relative_41")  # random weights: the uptake may disagree with the mask
+    response = infer(server, MODEL, case, {"foreground": [centre], "edge": "sharp"})
+    assert response.status_code == 422 and "edge" in response.json()["detail"]
 
 
 def test_slicer_roi_and_vista3d_points_are_accepted(server, scan):

@@ -17,7 +17,13 @@ from segany_pet.label.datastore import PETDatastore
 from segany_pet.label.dicom_studies import import_dicom_series
 from segany_pet.label.dicom_studies import summary as dicom_import_summary
 from segany_pet.label.dicomweb import PETDICOMWebDatastore, dicomweb_client
-from segany_pet.label.infer import LESION_LABELS, AnnotationSessions, PromptableSegmentationInfer, SUVThresholdInfer
+from segany_pet.label.infer import (
+    DEFAULT_EDGE,
+    LESION_LABELS,
+    AnnotationSessions,
+    PromptableSegmentationInfer,
+    SUVThresholdInfer,
+)
 from segany_pet.label.models import PROMPTABLE, STATE_DIR, served_model_for
 from segany_pet.label.train import PromptableTrainTask
 from segany_pet.pet import VolumeCache
@@ -82,7 +88,8 @@ class SegAnyPETApp(MONAILabelApp):
 
     def init_infers(self):
         method = self.conf.get("threshold_method", "relative_41")
-        shared = {"served": self.served_model, "volumes": self.volumes, "sessions": self.sessions}
+        shared = {"served": self.served_model, "volumes": self.volumes, "sessions": self.sessions,
+                  "edge": self.conf.get("edge", DEFAULT_EDGE)}
         return {
             PROMPTABLE: PromptableSegmentationInfer(**shared),
             # The same model for OHIF's vista3d panel, which sends points + point_labels.
@@ -129,7 +136,8 @@ class SegAnyPETApp(MONAILabelApp):
             threading.Thread(target=import_dicom_series, name="DICOM import", daemon=True,
                              args=(self.datastore(), self.studies, self.state_dir)).start()
         install_error_handlers(fastapi_app)
-        serve_infer_off_the_event_loop(fastapi_app)
+        serve_infer_off_the_event_loop(fastapi_app, {name: task for name, task in self._infers.items()
+                                                     if isinstance(task, PromptableSegmentationInfer)})
         add_ohif_save_button(fastapi_app)
         check_and_stop_training(fastapi_app, self._trainers, self.datastore())
         check_scoring_requests(fastapi_app, self._scoring_methods, self.datastore())

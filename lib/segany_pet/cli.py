@@ -5,7 +5,7 @@
     segany-pet serve --studies DIR [--port 8000] [--conf key value ...]
     segany-pet demo [--dir demo] [--cases 12] [--port 8000]
     segany-pet train --images DIR --labels DIR --out DIR [...]     (python -m segany_pet.train --help)
-    segany-pet evaluate --model FILE --cohort DIR --out DIR [--clicks 5]
+    segany-pet evaluate --model FILE --cohort DIR --out DIR [--clicks 5] [--edge relative_41]
     segany-pet score STUDIES [--model FILE] [--box-model FILE] [--force]     (also under torchrun)
     segany-pet audit STUDIES --out DIR [--top 20]
     segany-pet suv DICOM_DIR OUT.nii.gz [--norm bw|lbm|bsa]     (one PET DICOM series -> SUV NIfTI, QIBA rules)
@@ -20,6 +20,7 @@ import os
 import sys
 from pathlib import Path
 
+from segany_pet.edge import EDGE_METHODS
 from segany_pet.errors import CheckpointError, UserInputError
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -96,9 +97,10 @@ def _evaluate(args) -> int:
     images = Path(args.images) if args.images else cohort / "images"
     truth = Path(args.labels) if args.labels else cohort / "truth"
     model = load_checkpoint(args.model)
+    edge = None if args.edge == "model" else args.edge
     summary, details = evaluate_cohort(model, images, truth, clicks=args.clicks, baselines=not args.no_baselines,
-                                       autopet=not args.no_autopet)
-    title = f"{Path(args.model).name} on {images}"
+                                       autopet=not args.no_autopet, edge=edge)
+    title = f"{Path(args.model).name} ({args.edge} edge) on {images}"
     paths = write_report(summary, args.out, name=args.name, title=title, details=details)
     print(markdown_table(summary, title))
     print("report: " + ", ".join(str(path) for path in paths.values()))
@@ -274,6 +276,9 @@ def main(argv: list[str] | None = None) -> int:
     evaluate.add_argument("--clicks", type=int, default=5, help="clicks per lesion")
     evaluate.add_argument("--no-baselines", action="store_true", help="skip the SUV threshold baselines")
     evaluate.add_argument("--no-autopet", action="store_true", help="skip the autoPET IV protocol")
+    evaluate.add_argument("--edge", choices=["model", *EDGE_METHODS], default="model",
+                          help="mask boundary: the model's own (default), or snapped to the lesion's uptake as the "
+                               "app does (relative_41)")
     evaluate.set_defaults(run=_evaluate)
 
     score = commands.add_parser(

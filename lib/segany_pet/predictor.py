@@ -45,6 +45,7 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
+from segany_pet.edge import EDGE_METHODS, snap_to_uptake
 from segany_pet.errors import PromptError
 from segany_pet.pet.volume import PETVolume
 from segany_pet.prompts import parse_clicks
@@ -58,7 +59,7 @@ SNAP_FRACTION = 1 / 4
 # A previous mask that has to be resampled into a new crop becomes logits of +-8: confident, not saturated.
 MASK_PROMPT_LOGIT = 8.0
 DEFAULT_MAX_WINDOWS = 6
-LATENCY_KEYS = ("crop", "encode", "decode", "paste", "plan")
+LATENCY_KEYS = ("crop", "encode", "decode", "paste", "plan", "edge")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -472,6 +473,7 @@ class Prediction:
     windows: int
     cache_hit: bool
     latencies: dict[str, float]
+    edge: str  # where the mask's boundary came from: "model", or the uptake threshold it was snapped to
     foreground: tuple[tuple[int, int, int], ...]
     background: tuple[tuple[int, int, int], ...]
     box: tuple[tuple[int, int, int], tuple[int, int, int]] | None
@@ -533,11 +535,12 @@ class Predictor:
         self._last_session = session
         return session
 
-    def predict(self, foreground=(), background=(), box=None, previous: Prediction | None = None) -> Prediction:
+    def predict(self, foreground=(), background=(), box=None, previous: Prediction | None = None,
+                edge: str | None = None) -> Prediction:
         """`VolumeSession.predict` on the volume of the last `set_volume` (single-user scripts)."""
         if self._last_session is None:
             raise RuntimeError("no volume set: call predictor.set_volume(volume) before predict")
-        return self._last_session.predict(foreground, background, box, previous)
+        return self._last_session.predict(foreground, background, box, previous, edge)
 
     def clear_cache(self) -> None:
         with self._lock:
@@ -606,19 +609,30 @@ class VolumeSession:
         self.volume = volume
         self.volume_id = volume_id
 
-    def predict(self, foreground=(), background=(), box=None, previous: Prediction | None = None) -> Prediction:
+    def predict(self, foreground=(), background=(), box=None, previous: Prediction | None = None,
+                edge: str | None = None) -> Prediction:
         """A mask from prompts in stored voxel indices.
 
         ``foreground`` / ``background``: lists of ``[i, j, k]``; ``box``: ``((i0, j0, k0), (i1, j1, k1))``,
         inclusive corners. ``previous``: the Prediction of the last click on this volume. Its prompts are
         kept (send only the new clicks, or all of them: repeats count once) and its logits become the mask
         prompt, as SAM refines. The mask is the maximum of the logits of every window, thresholded at 0.
+        ``edge``: None keeps that mask; a method of `segany_pet.edge` snaps it to the lesion's uptake where the
+        two agree (the mask prompt of the next click stays the model's own logits).
         """
+        if edge is not None and edge not in EDGE_METHODS:
+            raise PromptError(f"edge must be one of {', '.join(EDGE_METHODS)} (or none), got {edge!r}")
         started = time.perf_counter()
         foreground, background, box = self._prompts_so_far(foreground, background, box, previous)
         latencies = dict.fromkeys(LATENCY_KEYS, 0.0)
         results, notes = self._follow_object(foreground, background, box, previous, latencies)
         mask, region = self._paste(results, latencies)
+        if edge is not None:
+            snapping = time.perf_counter()
+            region, snapped = snap_to_uptake(self.volume.suv, self.volume.spacing, mask, region, foreground,
+                                             background, edge)
+            edge = edge if snapped else None
+            latencies["edge"] = time.perf_counter() - snapping
         latencies["total"] = time.perf_counter() - started
         first = results[0]
         return Prediction(
@@ -630,6 +644,7 @@ class VolumeSession:
             windows=len(results),
             cache_hit=all(result.cache_hit for result in results),
             latencies=latencies,
+            edge=edge or "model",
             foreground=foreground,
             background=background,
             box=box,

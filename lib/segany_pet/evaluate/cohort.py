@@ -71,6 +71,7 @@ def evaluate_cohort(
     clicks: int = 5,
     baselines: bool = True,
     autopet: bool = True,
+    edge: str | None = None,
 ) -> tuple[dict, dict]:
     """(summary, details) of the interactive protocol, the classical baselines from the same first clicks and
     (optionally) the autoPET IV protocol on every case in ``images`` with a positive ``truth``.
@@ -91,11 +92,12 @@ def evaluate_cohort(
             skipped.append(case_id)
             continue
         touches = _touches(truth, case_id, instances)
-        model_cases.append(evaluate_case(predictor, volume, instances, clicks, touches=touches, volume_id=case_id))
+        model_cases.append(evaluate_case(predictor, volume, instances, clicks, touches=touches, volume_id=case_id,
+                                         edge=edge))
         if baselines:
             baseline_rows += evaluate_baselines(volume, instances, touches=touches, case_id=case_id)
         if autopet:
-            autopet_cases.append(evaluate_autopet_iv(predictor, volume, instances, volume_id=case_id))
+            autopet_cases.append(evaluate_autopet_iv(predictor, volume, instances, volume_id=case_id, edge=edge))
         predictor.clear_cache()
     if not model_cases:
         raise UserInputError(f"none of the {len(paths)} cases in {images} has a lesion in {truth}")

@@ -141,8 +141,10 @@ def evaluate_case(
     volume_id: str | None = None,
     lesion_ids: Collection[int] | None = None,
     margin: int = LESION_MARGIN,
+    edge: str | None = None,
 ) -> dict:
-    """The per-lesion click protocol on one case through ``predictor`` (a `Predictor`).
+    """The per-lesion click protocol on one case through ``predictor`` (a `Predictor`), with masks snapped to
+    the uptake by ``edge`` (`VolumeSession.predict`) or the model's own.
 
     ``truth_instances``: lesion ids on the volume's grid (0 background); ``touches``: lesion id -> hot organ
     it borders or None (the phantom's ``touches``, or `touches_from_organs`), giving each lesion the group
@@ -173,7 +175,7 @@ def evaluate_case(
         lesion = truth_instances[box] == lesion_id
         others = (truth_instances[box] != 0) & ~lesion
         click = first_clicks[lesion_id]
-        prediction = session.predict(foreground=[click])
+        prediction = session.predict(foreground=[click], edge=edge)
         dices = [lesion_dice(prediction.mask, truth_instances, lesion_id, margin)]
         ious, clicked = [prediction.iou], [[*click, 1]]
         taken = [tuple(np.subtract(click, offset))]
@@ -186,7 +188,8 @@ def evaluate_case(
             taken.append(local)
             voxel = [int(v) for v in np.add(local, offset)]
             prediction = session.predict(
-                foreground=[voxel] if positive else (), background=() if positive else [voxel], previous=prediction
+                foreground=[voxel] if positive else (), background=() if positive else [voxel], previous=prediction,
+                edge=edge,
             )
             dices.append(lesion_dice(prediction.mask, truth_instances, lesion_id, margin))
             ious.append(prediction.iou)
@@ -329,15 +332,17 @@ def _trapezoid(values) -> float:
 
 
 def evaluate_autopet_iv(
-    predictor, volume, truth: np.ndarray, *, steps: int = AUTOPET_STEPS, seed: int = 0, volume_id: str | None = None
+    predictor, volume, truth: np.ndarray, *, steps: int = AUTOPET_STEPS, seed: int = 0, volume_id: str | None = None,
+    edge: str | None = None,
 ) -> dict:
     """The autoPET IV interactive protocol on one case (clicks from `autopet_iv_clicks`).
 
     Step 0 has no click: a promptable model answers nothing, so its mask is empty. Step s gives the model the
     first s lesion and s background clicks; the lesion clicks on one component form one prompt (refining that
     component's previous prediction), background clicks count in the crops they fall in, and the answers'
-    union is scored against the whole ground truth. Returns per-step ``dice``, ``fpv_ml``, ``fnv_ml``, their
-    ``auc_*`` (trapezoid rule over step index, so a Dice AUC lies in [0, steps - 1]) and the clicks.
+    union is scored against the whole ground truth (``edge``: as `VolumeSession.predict`). Returns per-step
+    ``dice``, ``fpv_ml``, ``fnv_ml``, their ``auc_*`` (trapezoid rule over step index, so a Dice AUC lies in
+    [0, steps - 1]) and the clicks.
     """
     started = time.perf_counter()
     truth = np.asarray(truth) != 0
@@ -353,7 +358,7 @@ def evaluate_autopet_iv(
             foreground = [list(v) for v, c in given if c == component]
             prediction = session.predict(
                 foreground=foreground, background=[list(v) for v in background[:step]],
-                previous=previous.get(component),
+                previous=previous.get(component), edge=edge,
             )
             previous[component] = prediction
             mask |= prediction.mask != 0

@@ -18,16 +18,21 @@ from typing import Any
 import numpy as np
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 
+from segany_pet.edge import EDGE_METHODS
 from segany_pet.errors import PromptError, SessionNotFoundError
 from segany_pet.evaluate.baselines import METHODS, segment_from_clicks
 from segany_pet.label.models import ServedModel
-from segany_pet.pet import VolumeCache, quantify, save_mask
+from segany_pet.pet import VolumeCache, mask_nrrd, quantify, save_mask
 from segany_pet.predictor import Prediction, VolumeSession
 
 logger = logging.getLogger(__name__)
 
 LESION_LABELS = {"lesion": 1}
 RESULT_EXTENSIONS = (".nii.gz", ".nii", ".nrrd")
+# Where a mask's boundary comes from (segany_pet.edge): the model's own, or the lesion's uptake where they agree.
+MODEL_EDGE = "model"
+EDGES = (MODEL_EDGE, *EDGE_METHODS)
+DEFAULT_EDGE = "relative_41"
 # What OHIF v3's MONAI Label panel adds to every point-prompt request (its wire format, for clients and tests).
 OHIF_RESULT_PARAMS = {
     "result_extension": ".nrrd",
@@ -71,20 +76,33 @@ def write_reply(
     ``latencies`` (seconds spent so far, by stage) gains ``quantify``, ``write`` and ``total``; ``region``: a
     box known to hold the whole mask, see `quantify`.
     """
+    reply, latencies = _quantified(volume, mask, params, latencies, region)
+    started = time.perf_counter()
+    path, compress = result_path(request)
+    save_mask(mask, volume.affine, path, compress=compress)
+    return path, _timed(reply, {**latencies, "write": time.perf_counter() - started})
+
+
+def nrrd_reply(volume, mask: np.ndarray, params: dict, latencies: dict, region=None) -> tuple[list, dict]:
+    """`write_reply` for an uncompressed NRRD kept in memory: (the file's parts, see `mask_nrrd`; reply params).
+
+    The server sends it without the round trip through a file (an autoPET-sized label is 52 MB)."""
+    reply, latencies = _quantified(volume, mask, params, latencies, region)
+    started = time.perf_counter()
+    parts = mask_nrrd(mask, volume.affine)
+    return parts, _timed(reply, {**latencies, "write": time.perf_counter() - started})
+
+
+def _quantified(volume, mask, params, latencies, region) -> tuple[dict, dict]:
     started = time.perf_counter()
     numbers = quantify(volume.suv, mask, volume.spacing, region=region)
-    quantified = time.perf_counter()
-    path, compress = result_path(request)
-    save_mask(mask.astype(np.uint8, copy=False), volume.affine, path, compress=compress)
-    latencies = {**latencies, "quantify": quantified - started, "write": time.perf_counter() - quantified}
+    reply = {"label_names": LESION_LABELS, **params, "quantification": numbers}
+    return reply, {**latencies, "quantify": time.perf_counter() - started}
+
+
+def _timed(reply: dict, latencies: dict) -> dict:
     latencies["total"] = sum(latencies.values())
-    reply = {
-        "label_names": LESION_LABELS,
-        **params,
-        "quantification": numbers,
-        "latencies": {stage: round(seconds, 4) for stage, seconds in latencies.items()},
-    }
-    return path, reply
+    return {**reply, "latencies": {stage: round(seconds, 4) for stage, seconds in latencies.items()}}
 
 
 def summary(params: dict) -> str:
@@ -225,7 +243,9 @@ class PromptableSegmentationInfer(InferTask):
     indices of the stored image), ``client_id``. With a client id, the previous mask of the same client on
     the same image is the mask prompt of the next click (``reset: true`` starts over; ``refine: true``
     insists on a previous result and fails if there is none). Without a client id every request stands
-    alone, so anonymous annotators never share state.
+    alone, so anonymous annotators never share state. ``edge``: where the mask's boundary comes from,
+    ``relative_41`` (default: the lesion's 41% SUVmax uptake where it agrees with the model, `segany_pet.edge`),
+    ``relative_50``, or ``model`` (the model's mask as it is); the reply's ``edge`` says which one was used.
     """
 
     def __init__(
@@ -235,8 +255,13 @@ class PromptableSegmentationInfer(InferTask):
         sessions: AnnotationSessions,
         infer_type: str = InferType.DEEPGROW,
         description: str = "SegAnyPET 3D SAM: lesion or organ from clicks and boxes",
+        edge: str = DEFAULT_EDGE,
     ):
-        super().__init__(type=infer_type, labels=LESION_LABELS, dimension=3, description=description)
+        if edge not in EDGES:
+            raise ValueError(f"edge {edge!r} is not one of {', '.join(EDGES)}")
+        super().__init__(type=infer_type, labels=LESION_LABELS, dimension=3, description=description,
+                         config={"edge": [edge, *[e for e in EDGES if e != edge]]})
+        self.edge = edge
         self.served = served
         self.volumes = volumes
         self.sessions = sessions
@@ -248,6 +273,19 @@ class PromptableSegmentationInfer(InferTask):
         return {**super().info(), "model": self.served.describe()}
 
     def __call__(self, request: dict) -> tuple[str, dict]:
+        volume, prediction, params, latencies = self._predict(request)
+        path, reply = write_reply(volume, prediction.mask, request, params, latencies, prediction.region)
+        logger.info("%s for %s: %s", reply["model"], request.get("client_id") or "anonymous", summary(reply))
+        return path, reply
+
+    def nrrd_reply(self, request: dict) -> tuple[list, dict]:
+        """The answer as an uncompressed NRRD in memory (`nrrd_reply`), for the server to send directly."""
+        volume, prediction, params, latencies = self._predict(request)
+        parts, reply = nrrd_reply(volume, prediction.mask, params, latencies, prediction.region)
+        logger.info("%s for %s: %s", reply["model"], request.get("client_id") or "anonymous", summary(reply))
+        return parts, reply
+
+    def _predict(self, request: dict) -> tuple[Any, Prediction, dict, dict]:
         started = time.perf_counter()
         predictor, predictor_file = self.served.predictor_and_file()
         volume = self.volumes.load(request["image"])
@@ -279,10 +317,16 @@ class PromptableSegmentationInfer(InferTask):
             if client:
                 self.sessions.put(key, state)
 
+        edge = request.get("edge") or self.edge
+        if isinstance(edge, list):  # the /info config lists choices; a client may echo the list back
+            edge = edge[0]
+        if edge not in EDGES:
+            raise PromptError(f"edge {edge!r} is unknown; choose one of {list(EDGES)}")
         with state.lock:
-            prediction = state.session.predict(foreground, background, box, previous=state.last)
+            prediction = state.session.predict(foreground, background, box, previous=state.last,
+                                               edge=None if edge == MODEL_EDGE else edge)
             state.last = prediction
-        for stage in ("crop", "encode", "decode", "paste"):
+        for stage in ("crop", "encode", "decode", "paste", "edge"):
             latencies[stage] = prediction.latencies[stage]
         params = {
             "iou": round(prediction.iou, 4),
@@ -290,8 +334,7 @@ class PromptableSegmentationInfer(InferTask):
             "cache_hit": prediction.cache_hit,
             "clicks": {"foreground": len(prediction.foreground), "background": len(prediction.background)},
             "model": predictor_file.name,
+            "edge": prediction.edge,
             "notes": notes + list(prediction.notes),
         }
-        path, params = write_reply(volume, prediction.mask, request, params, latencies, prediction.region)
-        logger.info("%s for %s: %s", predictor_file.name, client or "anonymous", summary(params))
-        return path, params
+        return volume, prediction, params, latencies

@@ -11,6 +11,7 @@ import logging
 import struct
 import time
 import zlib
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -121,99 +122,121 @@ def _deflated_zero_chunk() -> bytes:
     return compressor.compress(bytes(ZERO_CHUNK_BYTES)) + compressor.flush(zlib.Z_FULL_FLUSH)
 
 
-def deflate_sparse(body: bytes) -> bytes:
-    """``body`` as a zlib stream (RFC 1950, HTTP's ``deflate``), fast when it is mostly zeros.
+def deflate_sparse(*parts) -> bytes:
+    """The concatenated ``parts`` (bytes-like) as a zlib stream (RFC 1950, HTTP's ``deflate``), fast when they
+    are mostly zeros.
 
     All-zero chunks of ZERO_CHUNK_BYTES are not compressed again: the precompressed chunk is spliced in and the
     Adler-32 checksum advanced arithmetically (n zeros leave its sum A and add n * A to B). Timed against zlib
     over the whole body by scripts/benchmark_server.py.
     """
-    data = np.frombuffer(body, dtype=np.uint8)
-    whole = len(data) // ZERO_CHUNK_BYTES
-    empty = ~data[: whole * ZERO_CHUNK_BYTES].reshape(whole, ZERO_CHUNK_BYTES).any(axis=1)
     compressor = zlib.compressobj(DEFLATE_LEVEL, zlib.DEFLATED, -zlib.MAX_WBITS)
-    parts = [b"\x78\x01"]  # zlib header: deflate, 32 kB window, fastest level
+    stream = [b"\x78\x01"]  # zlib header: deflate, 32 kB window, fastest level
     checksum = 1
     flushed = True  # no compressed data pending since the last full flush
-    view = memoryview(body)
-    for index in range(whole):
-        if empty[index]:
-            if not flushed:
-                parts.append(compressor.flush(zlib.Z_FULL_FLUSH))
-            parts.append(_deflated_zero_chunk())
-            low, high = checksum & 0xFFFF, checksum >> 16
-            checksum = ((high + ZERO_CHUNK_BYTES * low) % ADLER_MODULUS) << 16 | low
-            flushed = True
-        else:
-            chunk = view[index * ZERO_CHUNK_BYTES:(index + 1) * ZERO_CHUNK_BYTES]
-            parts.append(compressor.compress(chunk))
-            checksum = zlib.adler32(chunk, checksum)
+    for part in parts:
+        view = memoryview(part).cast("B")
+        data = np.frombuffer(view, dtype=np.uint8)
+        whole = len(data) // ZERO_CHUNK_BYTES
+        empty = ~data[: whole * ZERO_CHUNK_BYTES].reshape(whole, ZERO_CHUNK_BYTES).any(axis=1)
+        for index in range(whole):
+            if empty[index]:
+                if not flushed:
+                    stream.append(compressor.flush(zlib.Z_FULL_FLUSH))
+                stream.append(_deflated_zero_chunk())
+                low, high = checksum & 0xFFFF, checksum >> 16
+                checksum = ((high + ZERO_CHUNK_BYTES * low) % ADLER_MODULUS) << 16 | low
+                flushed = True
+            else:
+                chunk = view[index * ZERO_CHUNK_BYTES:(index + 1) * ZERO_CHUNK_BYTES]
+                stream.append(compressor.compress(chunk))
+                checksum = zlib.adler32(chunk, checksum)
+                flushed = False
+        tail = view[whole * ZERO_CHUNK_BYTES:]
+        if len(tail):
+            stream.append(compressor.compress(tail))
+            checksum = zlib.adler32(tail, checksum)
             flushed = False
-    tail = view[whole * ZERO_CHUNK_BYTES:]
-    checksum = zlib.adler32(tail, checksum)
-    parts += [compressor.compress(tail), compressor.flush(zlib.Z_FINISH), struct.pack(">I", checksum)]
-    return b"".join(parts)
+    stream += [compressor.flush(zlib.Z_FINISH), struct.pack(">I", checksum)]
+    return b"".join(stream)
 
 
-def deflate_encoded(reply, http_request: Request):
-    """``reply`` deflate-encoded when the client accepts it and the body is large and not gzip already."""
-    body = reply.body
+def label_response(parts, http_request: Request, *, media_type: str, headers: Mapping[str, str]) -> Response:
+    """A reply holding a file given in parts (bytes-like), deflate-encoded when the client accepts it and the
+    file is large and not gzip already (a .nii.gz reply)."""
+    size = sum(memoryview(part).nbytes for part in parts)
     accepted = http_request.headers.get("accept-encoding", "")
-    if (len(body) < ENCODE_MINIMUM_BYTES or "deflate" not in accepted or "content-encoding" in reply.headers
-            or body[:2] == b"\x1f\x8b"):  # a .nii.gz reply is gzip already
-        return reply
-    return Response(content=deflate_sparse(body), status_code=reply.status_code, media_type=reply.media_type,
-                    headers={**_disposition(reply), "Content-Encoding": "deflate", "Vary": "Accept-Encoding"})
+    if size >= ENCODE_MINIMUM_BYTES and "deflate" in accepted and bytes(memoryview(parts[0])[:2]) != b"\x1f\x8b":
+        return Response(content=deflate_sparse(*parts), media_type=media_type,
+                        headers={**headers, "Content-Encoding": "deflate", "Vary": "Accept-Encoding"})
+    return Response(content=b"".join(parts), media_type=media_type, headers=dict(headers))
 
 
-def _disposition(reply) -> dict:
-    """The reply's file name header, the one header a rebuilt reply keeps."""
-    return {key: value for key, value in reply.headers.items() if key == "content-disposition"}
+def _disposition(filename: str) -> dict:
+    return {"Content-Disposition": f'attachment; filename="{filename}"'}
 
 
-def infer_stored_image(background_tasks, model: str, image: str, params: str, output):
+def infer_stored_image(background_tasks, model: str, image: str, params: str, output, nrrd_tasks: Mapping):
     """MONAI Label's ``run_inference`` for the common request (a stored image and params, nothing uploaded),
     without the ``instance.info()`` it makes on every request: that builds the whole /info (GET /info/ takes
-    15 ms at 6,000 scans) to read a ``config`` key MONAI Label's info never has."""
+    15 ms at 6,000 scans) to read a ``config`` key MONAI Label's info never has.
+
+    The label OHIF asks for (``output=image``, an uncompressed ``.nrrd``) from a task in ``nrrd_tasks`` comes
+    from memory (its ``nrrd_reply``) as a ``(parts, file name)`` pair, not through a result file: writing and
+    reading back an autoPET-sized label cost 0.12 s a click (scripts/benchmark_server.py, session 6)."""
     from monailabel.endpoints import infer as infer_endpoint
     from monailabel.interfaces.utils.app import app_instance
 
     instance = app_instance()
     request = {"model": model, "image": image, **(json.loads(params) if params else {})}
     logger.info("Infer Request: %s", request)
+    task = nrrd_tasks.get(model)
+    if (task is not None and output == "image" and request.get("result_extension") == ".nrrd"
+            and request.get("result_compress") in (False, "false", "False", 0) and not request.get("save_label")):
+        request["image"] = instance.datastore().get_image_uri(image)  # what MONAILabelApp.infer hands a task
+        parts, _ = task.nrrd_reply(request)
+        return parts, f"{model}_label.nrrd"
     result = instance.infer(request)
     if result is None:
         raise HTTPException(status_code=500, detail="Failed to execute infer")
     return infer_endpoint.send_response(instance.datastore(), result, output, background_tasks)
 
 
-def serve_infer_off_the_event_loop(app: FastAPI) -> None:
+def serve_infer_off_the_event_loop(app: FastAPI, nrrd_tasks: Mapping | None = None) -> None:
     """Run ``POST /infer/{model}`` in FastAPI's worker threads instead of on the event loop.
 
     MONAI Label declares its infer endpoint ``async`` but computes synchronously inside it, which
     stalls every other request (``/info``, other annotators) while a model runs. A plain function with
     the same signature makes FastAPI run it in its thread pool; the work is MONAI Label's own
-    (`infer_stored_image` for a click on a stored image).
+    (`infer_stored_image` for a click on a stored image, with OHIF's label from memory for ``nrrd_tasks``).
 
-    The label file OHIF asks for (``output=image``) is sent from memory instead of streamed by
-    ``FileResponse``, whose 64 kB chunks each cross a thread: ~0.02 s on a 4 mm whole-body reply
-    (scripts/benchmark_server.py); and large replies go deflate-encoded to clients that accept it
-    (`deflate_encoded`).
+    A label file (``output=image``) is sent from memory instead of streamed by ``FileResponse``, whose 64 kB
+    chunks each cross a thread: ~0.02 s on a 4 mm whole-body reply (scripts/benchmark_server.py); and large
+    replies go deflate-encoded to clients that accept it (`label_response`).
     """
     from monailabel.endpoints import infer as infer_endpoint
+
+    nrrd_tasks = dict(nrrd_tasks or {})
 
     def run_inference_in_worker_thread(background_tasks, model, image, session_id, params, file, label, output, user,
                                        http_request):
         if image and not (file or label or session_id) and output != "dicom_seg":
-            reply = infer_stored_image(background_tasks, model, image, params, output)
+            reply = infer_stored_image(background_tasks, model, image, params, output, nrrd_tasks)
         else:
             reply = infer_endpoint.run_inference(background_tasks, model, image, session_id, params, file, label,
                                                  output)
+        if isinstance(reply, tuple):
+            parts, filename = reply
+            return label_response(parts, http_request, media_type="application/octet-stream",
+                                  headers=_disposition(filename))
         if isinstance(reply, FileResponse):
             with open(reply.path, "rb") as result:
                 content = result.read()  # MONAI Label's background task removes the file after the reply
-            reply = Response(content=content, media_type=reply.media_type, headers=_disposition(reply))
-        return deflate_encoded(reply, http_request) if isinstance(reply, Response) else reply
+            return label_response([content], http_request, media_type=reply.media_type,
+                                  headers=_disposition(Path(reply.path).name))
+        if isinstance(reply, Response) and "content-encoding" not in reply.headers:
+            return label_response([reply.body], http_request, media_type=reply.media_type, headers={})
+        return reply
 
     _replace_route(app, infer_endpoint.router, infer_endpoint.api_run_inference, run_inference_in_worker_thread)
 

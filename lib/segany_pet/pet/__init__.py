@@ -2,7 +2,7 @@
 
 from segany_pet.pet.dicom import SUVConversion, read_pet_series, suv_conversion
 from segany_pet.pet.quantify import label_lesions, quantify
-from segany_pet.pet.volume import PETVolume, VolumeCache, load_nifti, save_mask, save_nifti
+from segany_pet.pet.volume import PETVolume, VolumeCache, load_nifti, mask_nrrd, save_mask, save_nifti
 
 __all__ = [
     "PETVolume",
@@ -12,6 +12,7 @@ __all__ = [
     "load_nifti",
     "quantify",
     "read_pet_series",
+    "mask_nrrd",
     "save_mask",
     "save_nifti",
     "suv_conversion",

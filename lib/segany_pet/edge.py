@@ -1,0 +1,61 @@
+"""Uptake edges: a model's mask moved to the lesion's own PET boundary where the two agree.
+
+The model answers *which* object a click means (the lesion, not the bladder it touches); where a lesion ends
+on PET is what the EANM guideline's threshold says, a fraction of its SUVmax. `snap_to_uptake` grows that
+threshold region from the lesion clicks (the classical method of `segany_pet.evaluate.baselines`, background
+clicks included) and takes it, holes filled (a necrotic core is part of the lesion), only when it stays
+within the model's mask: at least ``INSIDE_SHARE`` of it inside the mask grown by ``MARGIN_VOXELS``. A region
+that leaks into an organ fails that test and the model's own mask stands.
+
+Measured with the shipped model on 12 synthetic tuning phantoms (seed 1, separate from the training and test
+cohorts; model/README.md): mean Dice after one click 0.610 -> 0.694, isolated 0.633 -> 0.751, touching an
+organ 0.572 -> 0.599. The margin and share were chosen there, never on the test cohort.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage
+
+from segany_pet.evaluate.baselines import regions_from_clicks
+
+EDGE_METHODS = ("relative_41", "relative_50")
+MARGIN_VOXELS = 2
+INSIDE_SHARE = 0.8
+_FACE_NEIGHBOURS = ndimage.generate_binary_structure(3, 1)
+
+
+def snap_to_uptake(
+    suv: np.ndarray,
+    spacing,
+    mask: np.ndarray,
+    region: tuple[slice, slice, slice] | None,
+    foreground,
+    background=(),
+    method: str = "relative_41",
+) -> tuple[tuple[slice, slice, slice] | None, bool]:
+    """Replace ``mask`` (in place) by the uptake region of the lesion clicks where it agrees with the mask.
+
+    ``region``: a box holding every voxel of ``mask`` (None: the mask is empty). Returns the box holding
+    every voxel of the mask afterwards and whether the mask was replaced. Without lesion clicks (a box
+    prompt alone) or with an empty mask nothing changes.
+    """
+    if method not in EDGE_METHODS:
+        raise ValueError(f"edge method {method!r} is not one of {', '.join(EDGE_METHODS)}")
+    if region is None or not foreground:
+        return region, False
+    grown = regions_from_clicks(suv, spacing, foreground, background, method)
+    boxes = [click_region.box for click_region in grown] + [region]
+    work = tuple(slice(min(b[a].start for b in boxes), max(b[a].stop for b in boxes)) for a in range(3))
+    uptake = np.zeros([s.stop - s.start for s in work], dtype=bool)
+    for click_region in grown:
+        local = tuple(slice(b.start - w.start, b.stop - w.start) for b, w in zip(click_region.box, work, strict=True))
+        uptake[local] |= click_region.mask
+    model_mask = mask[work] != 0
+    if not uptake.any() or not model_mask.any():
+        return region, False
+    near_model = ndimage.binary_dilation(model_mask, _FACE_NEIGHBOURS, iterations=MARGIN_VOXELS)
+    if np.count_nonzero(uptake & near_model) < INSIDE_SHARE * np.count_nonzero(uptake):
+        return region, False
+    mask[work] = ndimage.binary_fill_holes(uptake)
+    return work, True
