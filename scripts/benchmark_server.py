@@ -6,7 +6,7 @@ and clicks on a lesion as OHIF does (NRRD reply). With ``--sam PRESET`` the clic
 (the shipped default: ``model/segany_pet_small.pt``). Random weights time the model itself but not
 the masks a trained model draws (their size sets the paste, quantify and write costs, and a blob
 reaching the crop's faces adds windows). The table adds the predictor's own share of each click
-(crop + encode + decode + paste, measured in the server), so REST overhead = click / predictor.
+(crop + encode + decode + paste + edge, measured in the server), so REST overhead = click / predictor.
 
 OHIF's warm click is timed three ways side by side: from Debian's headless Chromium (``fetch`` from a page
 of the server, as the OHIF panel sends it: the browser decodes the deflate-encoded reply natively), and from
@@ -170,10 +170,10 @@ def main() -> None:
             page = browser.new_page()
             page.goto(f"{url}/info/")  # a page of the server's origin, as OHIF's panel is
             try:
-                predictor_parts = ("crop", "encode", "decode", "paste")
+                predictor_parts = ("crop", "encode", "decode", "paste", "edge")
                 print("| scan | shape | cold click (s) | warm OHIF click median (s): Chromium / requests deflate / "
                       "requests raw | with params (s) | cold / warm | warm server-side (s) |"
-                      + (" warm click / predictor: Chromium / requests raw |" if sam else ""))
+                      + (" warm click / predictor: Chromium / requests deflate / requests raw |" if sam else ""))
                 print("|---|---|---|---|---|---|---|" + ("---|" if sam else ""))
                 for name, (voxel, shape) in clicks.items():
                     cold, _ = click(url, model, name, voxel)
@@ -196,7 +196,7 @@ def main() -> None:
                            f"{warm:.3f} | {cold / chromium:.1f} | {server_side} |")
                     if sam:
                         predictor = statistics.median(sum(lat[p] for p in predictor_parts) for _, lat in warm_runs)
-                        row += f" {chromium / predictor:.1f} / {raw / predictor:.1f} |"
+                        row += f" {chromium / predictor:.1f} / {encoded / predictor:.1f} / {raw / predictor:.1f} |"
                     print(row)
                 print(f"\n| scan | raw reply | zlib level {DEFLATE_LEVEL}, whole body | deflate_sparse | speed-up |")
                 print("|---|---|---|---|---|")

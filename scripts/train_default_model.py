@@ -2,6 +2,7 @@
 
     .venv/bin/python scripts/train_default_model.py --quick                 # end-to-end smoke run, < 2 min
     .venv/bin/python scripts/train_default_model.py --train-cases 40 --test-cases 12 --epochs 60
+    .venv/bin/python scripts/train_default_model.py --test-cases 12 --cohorts-only   # stage 1 alone
 
 Stages (each reusable: cohorts and the training resume when the script is run again with the same folders):
 1. cohorts: a training and a separate test cohort of positive FDG and PSMA phantoms (4 mm), alternating
@@ -11,7 +12,8 @@ Stages (each reusable: cohorts and the training resume when the script is run ag
 3. the best model published as OUT/<preset>.pt (own checkpoint format: preset + training record + model card);
 4. the interactive benchmark on the test cohort: Dice after 1, 3, 5 clicks per lesion, FPV, FNV, the classical
    baselines from the same first click, lesions touching an organ vs isolated, and the autoPET IV protocol;
-   written as OUT/<preset>_eval.{md,json,png}.
+   written as OUT/<preset>_eval.{md,json,png}. The model's own masks: the app's uptake edge is measured on the
+   same cohort by ``segany-pet evaluate --edge relative_41`` (model/README.md).
 
 --preset takes a preset name or a JSON file of Preset fields (to try a preprocessing before it becomes a preset).
 """
@@ -99,6 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-autopet", action="store_true", help="skip the autoPET IV protocol")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--cohorts-only", action="store_true",
+                        help="write the training and test cohorts, then stop (for 'segany-pet evaluate')")
     args = parser.parse_args(argv)
     if args.quick:
         args.train_cases, args.test_cases, args.val_cases = 3, 2, 1
@@ -118,6 +122,9 @@ def main(argv: list[str] | None = None) -> int:
     train_dir, test_dir = args.work / "train_cohort", args.work / "test_cohort"
     write_positive_cohort(train_dir, args.train_cases, args.seed, "train", args.organs)
     write_positive_cohort(test_dir, args.test_cases, args.seed, "test", False)
+    if args.cohorts_only:
+        print(f"cohorts: {train_dir}, {test_dir}")
+        return 0
 
     config = TrainConfig(
         output_dir=str(args.work / f"training_{preset.name}"), preset=preset.to_dict(),
