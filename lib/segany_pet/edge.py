@@ -54,7 +54,10 @@ def snap_to_uptake(
     model_mask = mask[work] != 0
     if not uptake.any() or not model_mask.any():
         return region, False
-    near_model = ndimage.binary_dilation(model_mask, _FACE_NEIGHBOURS, iterations=MARGIN_VOXELS)
+    (model_box,) = ndimage.find_objects(model_mask.astype(np.uint8))
+    model_box = tuple(slice(max(s.start - MARGIN_VOXELS, 0), s.stop + MARGIN_VOXELS) for s in model_box)
+    near_model = np.zeros_like(model_mask)
+    near_model[model_box] = ndimage.binary_dilation(model_mask[model_box], _FACE_NEIGHBOURS, iterations=MARGIN_VOXELS)
     if np.count_nonzero(uptake & near_model) < INSIDE_SHARE * np.count_nonzero(uptake):
         return region, False
     mask[work] = ndimage.binary_fill_holes(uptake)

@@ -28,7 +28,9 @@ logger = logging.getLogger(__name__)
 # mostly zeros (an autoPET-sized one: 52 MB raw, about 0.2 MB encoded), and browsers decode it natively.
 ENCODE_MINIMUM_BYTES = 64 * 1024
 # deflate_sparse: chunks of this many zero bytes are spliced in precompressed; zlib level of the others.
-ZERO_CHUNK_BYTES = 1 << 20
+# 64 kB rather than 1 MB: a lesion's slab of slices then leaves fewer zeros to compress (measured: 1.0 against
+# 6.0 ms on a 4 mm whole-body label, 10.8 against 22.1 ms on an autoPET-sized one, 6% larger).
+ZERO_CHUNK_BYTES = 1 << 16
 DEFLATE_LEVEL = 1
 ADLER_MODULUS = 65521
 
