@@ -60,5 +60,7 @@ def snap_to_uptake(
     near_model[model_box] = ndimage.binary_dilation(model_mask[model_box], _FACE_NEIGHBOURS, iterations=MARGIN_VOXELS)
     if np.count_nonzero(uptake & near_model) < INSIDE_SHARE * np.count_nonzero(uptake):
         return region, False
-    mask[work] = ndimage.binary_fill_holes(uptake)
-    return work, True
+    lesion = ndimage.binary_fill_holes(uptake)
+    mask[work] = lesion
+    (tight,) = ndimage.find_objects(lesion.astype(np.uint8))
+    return tuple(slice(w.start + t.start, w.start + t.stop) for w, t in zip(work, tight, strict=True)), True

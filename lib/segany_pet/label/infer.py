@@ -57,12 +57,17 @@ def parse_roi(roi: Any, shape: tuple[int, int, int]) -> tuple[slice, slice, slic
     return tuple(slices)
 
 
-def result_path(request: dict) -> tuple[str, bool]:
-    """A temporary file for the reply in the format the client asked for (OHIF asks for NRRD)."""
+def result_format(request: dict) -> tuple[str, bool]:
+    """(file extension, compressed) of the reply the client asked for (OHIF: uncompressed NRRD)."""
     extension = request.get("result_extension") or ".nii.gz"
     if extension not in RESULT_EXTENSIONS:
         raise PromptError(f"result_extension {extension!r} is not supported; use one of {RESULT_EXTENSIONS}")
-    compress = request.get("result_compress", True) not in (False, "false", "False", 0)
+    return extension, request.get("result_compress", True) not in (False, "false", "False", 0)
+
+
+def result_path(request: dict) -> tuple[str, bool]:
+    """A temporary file for the reply in the format the client asked for, and whether to compress it."""
+    extension, compress = result_format(request)
     handle, path = tempfile.mkstemp(suffix=extension, prefix="segany_pet_")
     os.close(handle)
     return path, compress
@@ -287,6 +292,11 @@ class PromptableSegmentationInfer(InferTask):
 
     def _predict(self, request: dict) -> tuple[Any, Prediction, dict, dict]:
         started = time.perf_counter()
+        edge = request.get("edge") or self.edge
+        if isinstance(edge, list):  # the /info config lists choices; a client may echo the list back
+            edge = edge[0]
+        if edge not in EDGES:
+            raise PromptError(f"edge {edge!r} is unknown; choose one of {list(EDGES)}")
         predictor, predictor_file = self.served.predictor_and_file()
         volume = self.volumes.load(request["image"])
         latencies = {"load": time.perf_counter() - started}
@@ -317,11 +327,6 @@ class PromptableSegmentationInfer(InferTask):
             if client:
                 self.sessions.put(key, state)
 
-        edge = request.get("edge") or self.edge
-        if isinstance(edge, list):  # the /info config lists choices; a client may echo the list back
-            edge = edge[0]
-        if edge not in EDGES:
-            raise PromptError(f"edge {edge!r} is unknown; choose one of {list(EDGES)}")
         with state.lock:
             prediction = state.session.predict(foreground, background, box, previous=state.last,
                                                edge=None if edge == MODEL_EDGE else edge)

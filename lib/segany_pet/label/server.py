@@ -8,6 +8,7 @@ import functools
 import inspect
 import json
 import logging
+import os
 import struct
 import time
 import zlib
@@ -21,6 +22,7 @@ from fastapi.routing import APIRoute
 from monailabel.interfaces.exception import MONAILabelError, MONAILabelException
 
 from segany_pet.errors import UserInputError
+from segany_pet.label.infer import result_format
 
 logger = logging.getLogger(__name__)
 
@@ -184,8 +186,8 @@ def infer_stored_image(background_tasks, model: str, image: str, params: str, ou
     15 ms at 6,000 scans) to read a ``config`` key MONAI Label's info never has.
 
     The label OHIF asks for (``output=image``, an uncompressed ``.nrrd``) from a task in ``nrrd_tasks`` comes
-    from memory (its ``nrrd_reply``) as a ``(parts, file name)`` pair, not through a result file: writing and
-    reading back an autoPET-sized label cost 0.12 s a click (scripts/benchmark_server.py, session 6)."""
+    from memory (its ``nrrd_reply``) as a ``(parts, file name)`` pair, not through a result file: writing an
+    autoPET-sized label and reading it back cost 0.12 s a click (py-spy over scripts/benchmark_server.py)."""
     from monailabel.endpoints import infer as infer_endpoint
     from monailabel.interfaces.utils.app import app_instance
 
@@ -193,9 +195,10 @@ def infer_stored_image(background_tasks, model: str, image: str, params: str, ou
     request = {"model": model, "image": image, **(json.loads(params) if params else {})}
     logger.info("Infer Request: %s", request)
     task = nrrd_tasks.get(model)
-    if (task is not None and output == "image" and request.get("result_extension") == ".nrrd"
-            and request.get("result_compress") in (False, "false", "False", 0) and not request.get("save_label")):
-        request["image"] = instance.datastore().get_image_uri(image)  # what MONAILabelApp.infer hands a task
+    if task is not None and output == "image" and result_format(request) == (".nrrd", False) \
+            and not request.get("save_label"):
+        if not os.path.exists(image):  # as MONAILabelApp.infer: an image id, not a path, becomes the file
+            request["image"] = instance.datastore().get_image_uri(image)
         parts, _ = task.nrrd_reply(request)
         return parts, f"{model}_label.nrrd"
     result = instance.infer(request)
