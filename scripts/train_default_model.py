@@ -90,6 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train-cases", type=int, default=40)
     parser.add_argument("--test-cases", type=int, default=12)
     parser.add_argument("--val-cases", type=int, default=4, help="training cases held out for validation")
+    parser.add_argument("--val-ids", help="comma-separated case ids held out for validation (instead of --val-cases)")
+    parser.add_argument("--init-checkpoint", type=Path, help="fine-tune from this checkpoint instead of from scratch")
     parser.add_argument("--organs", action="store_true", help="train organs as classes too (lesions stay 1)")
     parser.add_argument("--preset", default=PRESET, help="a preset name or a JSON file of Preset fields")
     parser.add_argument("--epochs", type=int, default=60)
@@ -126,11 +128,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"cohorts: {train_dir}, {test_dir}")
         return 0
 
+    val_cases = args.val_ids.split(",") if args.val_ids else args.val_cases
     config = TrainConfig(
         output_dir=str(args.work / f"training_{preset.name}"), preset=preset.to_dict(),
         label_names=label_names(args.organs),
         epochs=args.epochs, iterations_per_epoch=args.iterations, batch_size=args.batch_size, lr=args.lr,
-        clicks_per_sample=args.clicks_per_sample, val_cases=args.val_cases, seed=args.seed, threads=args.threads,
+        clicks_per_sample=args.clicks_per_sample, val_cases=val_cases, seed=args.seed, threads=args.threads,
+        init_checkpoint=str(args.init_checkpoint) if args.init_checkpoint else None,
         warmup_iterations=min(50, args.epochs * args.iterations // 10),
     )
     stats = Trainer(config, records_from_folder(train_dir / "images", train_dir / "labels")).run()
@@ -147,7 +151,8 @@ def main(argv: list[str] | None = None) -> int:
                                        autopet=not args.no_autopet)
     card = {
         "trained_on": f"{args.train_cases} synthetic whole-body PET phantoms (FDG and PSMA, 4 mm, positive cases; "
-                      f"{args.val_cases} held out for validation), segany_pet.phantom",
+                      f"{len(val_cases) if args.val_ids else val_cases} held out for validation), segany_pet.phantom"
+                      + (f", fine-tuned from {args.init_checkpoint.name}" if args.init_checkpoint else ""),
         "tested_on": f"{args.test_cases} separate phantoms",
         "command": command,
         "seed": args.seed,
