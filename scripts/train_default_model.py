@@ -141,9 +141,10 @@ def main(argv: list[str] | None = None) -> int:
     if stats.get("status") != "finished":
         print(f"training {stats.get('status')}; run the same command again to continue")
         return 1
-    per_step = stats["seconds_per_iteration"]
-    print(f"training: {stats['step']} steps of {args.batch_size} crops, {per_step:.2f} s per step "
-          f"(median), best validation Dice after 1 click {stats['best_metric']}", flush=True)
+    per_step = stats["seconds_per_iteration"]  # None when this run found the training finished already
+    timing = f", {per_step:.2f} s per step (median)" if per_step is not None else ""
+    print(f"training: {stats['step']} steps of {args.batch_size} crops{timing}, best validation Dice after 1 click "
+          f"{stats['best_metric']}", flush=True)
 
     model = load_checkpoint(Path(config.output_dir) / MODEL_BEST)
     args.out.mkdir(parents=True, exist_ok=True)
