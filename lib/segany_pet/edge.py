@@ -7,9 +7,9 @@ clicks included) and takes it, holes filled (a necrotic core is part of the lesi
 within the model's mask: at least ``INSIDE_SHARE`` of it inside the mask grown by ``MARGIN_VOXELS``. A region
 that leaks into an organ fails that test and the model's own mask stands.
 
-Measured with the shipped model on 12 synthetic tuning phantoms (seed 1, separate from the training and test
-cohorts; model/README.md): mean Dice after one click 0.610 -> 0.694, isolated 0.633 -> 0.751, touching an
-organ 0.572 -> 0.599. The margin and share were chosen there, never on the test cohort.
+Measured with the previous default model (v1) on 12 synthetic tuning phantoms (seed 1, separate from the
+training and test cohorts; model/README.md): mean Dice after one click 0.610 -> 0.694, isolated 0.633 -> 0.751,
+touching an organ 0.572 -> 0.599. The margin and share were chosen there, never on the test cohort.
 """
 
 from __future__ import annotations
