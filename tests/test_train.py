@@ -199,6 +199,23 @@ def test_organ_classes_are_whole_objects(tmp_path, records):
     assert len(organs) == 1 and organs[0].voxels == 128
 
 
+def test_lesions_beside_uptake_are_flagged_and_drawn_as_often_as_asked(tmp_path):
+    suv = np.full((40, 40, 40), 1.0, dtype=np.float32)
+    label = np.zeros(suv.shape, dtype=np.uint8)
+    suv[5:11, 5:11, 5:11] = label[5:11, 5:11, 5:11] = 8  # isolated lesion, SUV 8
+    suv[25:31, 25:31, 25:31] = label[25:31, 25:31, 25:31] = 8  # lesion against an organ of SUV 12
+    label[label > 0] = 1
+    suv[31:38, 22:34, 22:34] = 12.0
+    record = {"id": "two", "image": _write(tmp_path / "suv.nii.gz", suv), "label": _write(tmp_path / "l.nii.gz", label)}
+    (case,) = load_cases([record])
+    flags = {tuple(int(s.start) for s in o.box): o.in_uptake for o in case.objects}
+    assert flags == {(5, 5, 5): False, (25, 25, 25): True}
+    for weight, expected in ((1.0, 0.5), (3.0, 0.75)):
+        sampler = CropSampler([case], TINY, np.random.default_rng(0), hot_spot_share=0.0, touching_weight=weight)
+        touching = np.mean([case.objects[s.instance - 1].in_uptake for s in sampler.batch(200)])
+        assert abs(touching - expected) < 0.1
+
+
 def test_crops_follow_the_preset_and_jitter_the_object(cases):
     sampler = CropSampler(cases, TINY, np.random.default_rng(0), hot_spot_share=0.3)
     samples = sampler.batch(40)
@@ -336,6 +353,8 @@ def test_stop_file_stops_cleanly(tmp_path, records):
 def test_config_checks(tmp_path):
     with pytest.raises(ValueError, match="batch_size must be at least 1"):
         TrainConfig(batch_size=0)
+    with pytest.raises(ValueError, match="touching_weight must be positive"):
+        TrainConfig(touching_weight=0)
     with pytest.raises(ValueError, match="unknown training options: colour"):
         TrainConfig.from_dict({"colour": "blue"})
     assert TrainConfig.from_dict(config(tmp_path).to_dict()) == config(tmp_path)

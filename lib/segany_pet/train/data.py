@@ -13,6 +13,11 @@ Choices, documented where a user meets them:
   non-target voxels, as the autoPET IV background clicks) are clicked positively and have an EMPTY target:
   the model segments the labelled classes only, so a click on the bladder gives nothing. When an organ is a
   labelled class it is an ordinary object, never such a "hot spot".
+- A lesion "sits in uptake" when at least ``UPTAKE_NEIGHBOUR_SHARE`` of the shell two voxels outside it (other
+  targets excluded) is above ``UPTAKE_NEIGHBOUR_FRACTION`` of its SUVmax: there a threshold leaks, and the
+  model must find the edge itself. The sampler can draw such lesions more often (``touching_weight``).
+  On 40 training phantoms this flag agrees with the phantoms' own "touches an organ" record for 77% of the
+  347 lesions (the rest: faint lesions in the liver, lesions beside cold organs).
 - Everything is cropped, resampled and normalised by the predictor's own functions (`CropGeometry.around`,
   `crop_volume`, `normalise`): one path for training and inference.
 """
@@ -51,6 +56,8 @@ HOT_SPOT_TARGET_MARGIN = 2
 HOT_SPOT_MIN_ML = 0.5
 HOT_SPOTS_PER_CASE = 20
 AFFINE_TOLERANCE_MM = 1e-3
+UPTAKE_NEIGHBOUR_FRACTION = 0.41  # the EANM threshold: what a 41% region would leak into
+UPTAKE_NEIGHBOUR_SHARE = 0.05
 
 
 class TrainingDataError(UserInputError):
@@ -155,6 +162,7 @@ class TrainingObject:
     voxels: int
     centre_mm: np.ndarray  # world position of its deepest voxel: where crops are centred (then jittered)
     box: tuple[slice, slice, slice]  # bounding box in stored voxels
+    in_uptake: bool = False  # a split-class object beside uptake a threshold would leak into (module docstring)
 
 
 @dataclass
@@ -241,10 +249,23 @@ def load_case(
     for instance, box in enumerate(ndimage.find_objects(instances), start=1):
         centre = centre_click(instances[box] == instance, volume.spacing)
         centre = [c + s.start for c, s in zip(centre, box, strict=True)]
-        objects.append(
-            TrainingObject(instance, names[instance], int(counts[instance]), volume.index_to_world(centre), box)
-        )
+        in_uptake = names[instance] in split_classes and _in_uptake(volume.suv, instances, instance, box)
+        objects.append(TrainingObject(instance, names[instance], int(counts[instance]),
+                                      volume.index_to_world(centre), box, in_uptake))
     return TrainingCase(dict(record), volume, instances, objects, _hot_spots(volume, instances))
+
+
+def _in_uptake(suv: np.ndarray, instances: np.ndarray, instance: int, box) -> bool:
+    """Whether the shell two voxels outside the object holds enough uptake for a threshold to leak into."""
+    grown = tuple(slice(max(s.start - 2, 0), min(s.stop + 2, n)) for s, n in zip(box, suv.shape, strict=True))
+    obj = instances[grown] == instance
+    near = ndimage.binary_dilation(obj, LESION_CONNECTIVITY)
+    shell = ndimage.binary_dilation(near, LESION_CONNECTIVITY) & ~near
+    shell &= ~ndimage.binary_dilation((instances[grown] > 0) & ~obj, LESION_CONNECTIVITY)
+    if not shell.any():
+        return False
+    local = suv[grown]
+    return bool(np.mean(local[shell] >= UPTAKE_NEIGHBOUR_FRACTION * local[obj].max()) >= UPTAKE_NEIGHBOUR_SHARE)
 
 
 def _hot_spots(volume: PETVolume, instances: np.ndarray) -> list[tuple[int, int, int]]:
@@ -304,7 +325,8 @@ class CropSampler:
 
     Objects are drawn with weight ``voxels ** (1/3)`` (proportional to their diameter: small lesions are
     drawn often, as the per-lesion metric counts them, large ones somewhat more since they are harder),
-    times ``low_tier_weight`` for low-quality labels. The crop is centred on the object's deepest voxel moved
+    times ``low_tier_weight`` for low-quality labels and ``touching_weight`` for lesions that sit in uptake
+    (where thresholds leak and the model is weakest). The crop is centred on the object's deepest voxel moved
     by up to ``position_jitter`` of the crop along each axis, so objects (and prompts) are not always
     central. A share ``hot_spot_share`` of crops centres on a hot non-target structure instead (see module
     docstring). ``intensity_scale``: SUV multiplied by exp(U(-s, s)), the spread of uptake between patients.
@@ -323,6 +345,7 @@ class CropSampler:
         position_jitter: float = 0.125,
         intensity_scale: float = 0.15,
         low_tier_weight: float = 1.0,
+        touching_weight: float = 1.0,
         neighbours: int = 0,
     ):
         self.cases = cases
@@ -333,6 +356,7 @@ class CropSampler:
         self.position_jitter = position_jitter
         self.intensity_scale = intensity_scale
         self.objects = [(c, o) for c, case in enumerate(cases) for o in case.objects]
+        self.touching_weight = float(touching_weight)
         self.set_low_tier_weight(low_tier_weight)
         self.hot_spots = [(c, spot) for c, case in enumerate(cases) for spot in case.hot_spots]
         self.drawn: Counter[str] = Counter()  # crops drawn per case id
@@ -340,7 +364,8 @@ class CropSampler:
     def set_low_tier_weight(self, low_tier_weight: float) -> None:
         """Sampling weight of low-tier objects relative to high-tier ones (CPCL's warm-up sets it to 0)."""
         tier_weight = {"high": 1.0, "low": float(low_tier_weight)}
-        weights = np.array([tier_weight[self.cases[c].tier] * o.voxels ** (1 / 3) for c, o in self.objects])
+        weights = np.array([tier_weight[self.cases[c].tier] * o.voxels ** (1 / 3)
+                            * (self.touching_weight if o.in_uptake else 1.0) for c, o in self.objects])
         if not self.objects or weights.sum() <= 0:
             raise TrainingDataError("no object to sample: every case is empty or has low_tier_weight 0")
         self.weights = weights / weights.sum()

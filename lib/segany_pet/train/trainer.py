@@ -113,6 +113,8 @@ class TrainConfig:
     intensity_scale: float = 0.15
     # Sampling weight of objects from "low" tier labels relative to "high" (0 ignores them).
     low_tier_weight: float = 1.0
+    # Sampling weight of lesions beside uptake a threshold would leak into (an organ), relative to others.
+    touching_weight: float = 1.0
     # Loss on the logits upsampled to the crop ("crop") or on the target averaged to the logits' grid.
     loss_resolution: str = "crop"
     # Weights of the class-balanced BCE and of the IoU head's MSE next to the Dice loss (see simulate.py).
@@ -181,6 +183,8 @@ class TrainConfig:
                      "cpcl_cross_confidence"):
             if not 0 <= float(getattr(self, name)) <= 1:
                 problems.append(f"{name} must lie in [0, 1]")
+        if self.touching_weight <= 0:
+            problems.append("touching_weight must be positive")
         if self.cpcl_warmup_epochs < 0 or self.cpcl_cross_weight < 0:
             problems.append("cpcl_warmup_epochs and cpcl_cross_weight must not be negative")
         if self.loss_resolution not in LOSS_RESOLUTIONS:
@@ -450,7 +454,8 @@ class Trainer:
         self.sampler = CropSampler(
             cases, self.model.preset, rng, hot_spot_share=config.hot_spot_share,
             position_jitter=config.position_jitter, intensity_scale=config.intensity_scale,
-            low_tier_weight=config.low_tier_weight, neighbours=config.neighbours_per_crop,
+            low_tier_weight=config.low_tier_weight, touching_weight=config.touching_weight,
+            neighbours=config.neighbours_per_crop,
         )
         self.prompt_rng = rng
         step_module = self._step_module()
