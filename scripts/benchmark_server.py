@@ -5,8 +5,10 @@ and clicks on a lesion as OHIF does (NRRD reply). With ``--sam PRESET`` the clic
 (``segany_pet``) serving random weights of that preset, with ``--model FILE`` serving that checkpoint
 (the shipped default: ``model/segany_pet_small.pt``). Random weights time the model itself but not
 the masks a trained model draws (their size sets the paste, quantify and write costs, and a blob
-reaching the crop's faces adds windows). The table adds the predictor's own share of each click
-(crop + encode + decode + paste + edge, measured in the server), so REST overhead = click / predictor.
+reaching the crop's faces adds windows). The table adds the predictor's own warm latency: the same click
+through `Predictor.set_volume(...).predict(...)` in this process (what the server's infer task calls, the
+uptake edge included; embeddings cached), so REST overhead = click / predictor. The predictor's stages as the
+server reports them (crop + encode + decode + paste + edge) are shown next to it.
 
 OHIF's warm click is timed three ways side by side: from Debian's headless Chromium (``fetch`` from a page
 of the server, as the OHIF panel sends it: the browser decodes the deflate-encoded reply natively), and from
@@ -35,11 +37,12 @@ import torch
 from playwright.sync_api import sync_playwright
 
 from segany_pet.cli import server_command, server_environment
-from segany_pet.label.infer import OHIF_RESULT_PARAMS
+from segany_pet.label.infer import DEFAULT_EDGE, OHIF_RESULT_PARAMS
 from segany_pet.label.server import DEFLATE_LEVEL, deflate_sparse
-from segany_pet.model import PRESETS, build_model, save_checkpoint
-from segany_pet.pet import save_nifti
+from segany_pet.model import PRESETS, build_model, load_checkpoint, save_checkpoint
+from segany_pet.pet import load_nifti, save_nifti
 from segany_pet.phantom import generate_case
+from segany_pet.predictor import Predictor
 from segany_pet.prompts import centre_click
 
 CHROMIUM = "/usr/bin/chromium"
@@ -106,6 +109,21 @@ def browser_clicks(page, model: str, image: str, voxel: list[int], count: int) -
     return page.evaluate(BROWSER_CLICKS, [f"/infer/{model}?image={image}&output=image", ohif_params(voxel), count])
 
 
+def predictor_warm_seconds(checkpoint: Path, image: Path, voxel: list[int], repeats: int) -> float:
+    """Median wall time of a warm click through the predictor in this process, as the server's infer task makes
+    it for a request without a client session: a session from the (cached) volume, then the click."""
+    predictor = Predictor(load_checkpoint(checkpoint))
+    volume = load_nifti(image)
+    volume_id = str(image)
+    predictor.set_volume(volume, volume_id).predict(foreground=[voxel], edge=DEFAULT_EDGE)  # cold: encodes
+    seconds = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        predictor.set_volume(volume, volume_id).predict(foreground=[voxel], edge=DEFAULT_EDGE)
+        seconds.append(time.perf_counter() - started)
+    return statistics.median(seconds)
+
+
 def encoding_row(url: str, model: str, name: str, voxel: list[int], repeats: int = 3) -> str:
     """The reply's encoding alone, in this process: deflate_sparse against zlib over the whole body."""
     body = requests.post(f"{url}/infer/{model}", params={"image": name, "output": "image"},
@@ -152,6 +170,7 @@ def main() -> None:
             conf = [("model", save_checkpoint(build_model(args.sam), Path(tmp) / f"{args.sam}.pt"))]
         elif args.model:
             conf = [("model", args.model.resolve())]
+        checkpoint = Path(conf[0][1]) if conf else None
 
         start_times = []
         for _ in range(args.starts):
@@ -173,8 +192,9 @@ def main() -> None:
                 predictor_parts = ("crop", "encode", "decode", "paste", "edge")
                 print("| scan | shape | cold click (s) | warm OHIF click median (s): Chromium / requests deflate / "
                       "requests raw | with params (s) | cold / warm | warm server-side (s) |"
-                      + (" warm click / predictor: Chromium / requests deflate / requests raw |" if sam else ""))
-                print("|---|---|---|---|---|---|---|" + ("---|" if sam else ""))
+                      + (" predictor warm (s): in-process / stages | warm click / predictor: Chromium / requests "
+                         "deflate / requests raw |" if sam else ""))
+                print("|---|---|---|---|---|---|---|" + ("---|---|" if sam else ""))
                 for name, (voxel, shape) in clicks.items():
                     cold, _ = click(url, model, name, voxel)
                     # output=image is OHIF's request (the label file alone); output=all adds the reply params
@@ -195,8 +215,10 @@ def main() -> None:
                     row = (f"| {name} | {size} | {cold:.3f} | {chromium:.3f} / {encoded:.3f} / {raw:.3f} | "
                            f"{warm:.3f} | {cold / chromium:.1f} | {server_side} |")
                     if sam:
-                        predictor = statistics.median(sum(lat[p] for p in predictor_parts) for _, lat in warm_runs)
-                        row += f" {chromium / predictor:.1f} / {encoded / predictor:.1f} / {raw / predictor:.1f} |"
+                        stages = statistics.median(sum(lat[p] for p in predictor_parts) for _, lat in warm_runs)
+                        predictor = predictor_warm_seconds(checkpoint, studies / f"{name}.nii.gz", voxel, args.warm)
+                        row += (f" {predictor:.3f} / {stages:.3f} | {chromium / predictor:.1f} / "
+                                f"{encoded / predictor:.1f} / {raw / predictor:.1f} |")
                     print(row)
                 print(f"\n| scan | raw reply | zlib level {DEFLATE_LEVEL}, whole body | deflate_sparse | speed-up |")
                 print("|---|---|---|---|---|")
