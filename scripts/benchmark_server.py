@@ -10,11 +10,11 @@ through `Predictor.set_volume(...).predict(...)` in this process (what the serve
 uptake edge included; embeddings cached), so REST overhead = click / predictor. The predictor's stages as the
 server reports them (crop + encode + decode + paste + edge) are shown next to it.
 
-OHIF's warm click is timed three ways side by side: from Debian's headless Chromium (``fetch`` from a page
-of the server, as the OHIF panel sends it: the browser decodes the deflate-encoded reply natively), and from
-Python ``requests`` with and without compression (``Accept-Encoding: identity``: the raw label, the path
-before replies were compressed). Last, the reply's encoding on its own: `deflate_sparse` against zlib over
-the whole body, on each scan's raw reply.
+OHIF's warm click is timed four ways side by side: from Debian's headless Chromium (``fetch`` from a page
+of the server, as the OHIF panel sends it: the browser accepts zstd and decodes the reply natively), and from
+Python ``requests`` accepting zstd, deflate, or neither (``Accept-Encoding: identity``: the raw label, the
+path before replies were compressed). Last, the reply's encodings on their own, in this process, on each
+scan's raw reply: zlib over the whole body, `deflate_sparse` and `zstd_encode`, and decoding each.
 
     .venv/bin/python scripts/benchmark_server.py [--starts 3] [--warm 5] [--sam PRESET | --model FILE]
 """
@@ -24,6 +24,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+
+# As the server (segany_pet.cli.SERVER_ENVIRONMENT): the in-process predictor timing must not busy-wait while
+# the server, Chromium and this process share 2 cores. Set before torch is imported.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import socket
 import statistics
 import subprocess
@@ -34,11 +38,12 @@ from pathlib import Path
 
 import requests
 import torch
+from backports import zstd
 from playwright.sync_api import sync_playwright
 
 from segany_pet.cli import server_command, server_environment
 from segany_pet.label.infer import DEFAULT_EDGE, OHIF_RESULT_PARAMS
-from segany_pet.label.server import DEFLATE_LEVEL, deflate_sparse
+from segany_pet.label.server import DEFLATE_LEVEL, ZSTD_LEVEL, deflate_sparse, zstd_encode
 from segany_pet.model import PRESETS, build_model, load_checkpoint, save_checkpoint
 from segany_pet.pet import load_nifti, save_nifti
 from segany_pet.phantom import generate_case
@@ -90,8 +95,12 @@ def ohif_params(voxel: list[int]) -> str:
     return json.dumps({"foreground": [voxel], "background": [], **OHIF_RESULT_PARAMS})
 
 
+# Accept-Encoding headers of the timed requests clicks: the reply's coding each one gets.
+CLIENT_ENCODINGS = {"zstd": "zstd", "deflate": "gzip, deflate", "raw": "identity"}
+
+
 def click(url: str, model: str, image: str, voxel: list[int], output: str = "all",
-          encoding: str = "gzip, deflate") -> tuple[float, dict | None]:
+          encoding: str = "zstd, gzip, deflate") -> tuple[float, dict | None]:
     """One click with OHIF's params: (seconds, the server's latencies; None with output=image, as OHIF asks,
     where the reply is the label file alone)."""
     started = time.perf_counter()
@@ -124,23 +133,32 @@ def predictor_warm_seconds(checkpoint: Path, image: Path, voxel: list[int], repe
     return statistics.median(seconds)
 
 
+def _median_seconds(function, repeats: int):
+    runs, result = [], None
+    for _ in range(repeats):
+        started = time.perf_counter()
+        result = function()
+        runs.append(time.perf_counter() - started)
+    return statistics.median(runs), result
+
+
 def encoding_row(url: str, model: str, name: str, voxel: list[int], repeats: int = 3) -> str:
-    """The reply's encoding alone, in this process: deflate_sparse against zlib over the whole body."""
+    """The reply's encodings alone, in this process: encoding and decoding time and size of each."""
     body = requests.post(f"{url}/infer/{model}", params={"image": name, "output": "image"},
                          data={"params": ohif_params(voxel)}, headers={"Accept-Encoding": "identity"},
                          timeout=300).content
-    seconds = {}
-    encoders = {"zlib": lambda: zlib.compress(body, DEFLATE_LEVEL), "sparse": lambda: deflate_sparse(body)}
-    for label, encode in encoders.items():
-        runs = []
-        for _ in range(repeats):
-            started = time.perf_counter()
-            encoded = encode()
-            runs.append(time.perf_counter() - started)
-        seconds[label] = (statistics.median(runs), len(encoded))
-    (zlib_s, zlib_n), (sparse_s, sparse_n) = seconds["zlib"], seconds["sparse"]
-    return (f"| {name} | {len(body) / 1e6:.1f} MB | {zlib_s:.4f} s ({zlib_n / 1e3:.0f} kB) | "
-            f"{sparse_s:.4f} s ({sparse_n / 1e3:.0f} kB) | {zlib_s / sparse_s:.1f}x |")
+    codecs = {
+        "zlib": (lambda: zlib.compress(body, DEFLATE_LEVEL), zlib.decompress),
+        "deflate_sparse": (lambda: deflate_sparse(body), zlib.decompress),
+        "zstd_encode": (lambda: zstd_encode(body), zstd.decompress),
+    }
+    cells = []
+    for encode, decode in codecs.values():
+        encode_seconds, encoded = _median_seconds(encode, repeats)
+        decode_seconds, decoded = _median_seconds(lambda: decode(encoded), repeats)  # noqa: B023 (called at once)
+        assert decoded == body
+        cells.append(f"{encode_seconds:.4f} / {decode_seconds:.4f} s ({len(encoded) / 1e3:.0f} kB)")
+    return f"| {name} | {len(body) / 1e6:.1f} MB | " + " | ".join(cells) + " |"
 
 
 def main() -> None:
@@ -190,21 +208,22 @@ def main() -> None:
             page.goto(f"{url}/info/")  # a page of the server's origin, as OHIF's panel is
             try:
                 predictor_parts = ("crop", "encode", "decode", "paste", "edge")
-                print("| scan | shape | cold click (s) | warm OHIF click median (s): Chromium / requests deflate / "
-                      "requests raw | with params (s) | cold / warm | warm server-side (s) |"
-                      + (" predictor warm (s): in-process / stages | warm click / predictor: Chromium / requests "
-                         "deflate / requests raw |" if sam else ""))
+                clients = " / ".join(["Chromium", *(f"requests {coding}" for coding in CLIENT_ENCODINGS)])
+                print(f"| scan | shape | cold click (s) | warm OHIF click median (s): {clients} | with params (s) | "
+                      "cold / warm | warm server-side (s) |"
+                      + (f" predictor warm (s): in-process / stages | warm click / predictor: {clients} |"
+                         if sam else ""))
                 print("|---|---|---|---|---|---|---|" + ("---|---|" if sam else ""))
                 for name, (voxel, shape) in clicks.items():
                     cold, _ = click(url, model, name, voxel)
                     # output=image is OHIF's request (the label file alone); output=all adds the reply params
                     # (PET numbers, latencies) in a multipart reply, as the Python client and Slicer read them.
                     chromium = statistics.median(browser_clicks(page, model, name, voxel, args.warm))
-                    encoded, raw = (
+                    warm_ohif = [chromium] + [
                         statistics.median(click(url, model, name, voxel, "image", encoding)[0]
                                           for _ in range(args.warm))
-                        for encoding in ("gzip, deflate", "identity")
-                    )
+                        for encoding in CLIENT_ENCODINGS.values()
+                    ]
                     warm_runs = [click(url, model, name, voxel) for _ in range(args.warm)]
                     warm = statistics.median(seconds for seconds, _ in warm_runs)
                     server_side = ", ".join(
@@ -212,15 +231,16 @@ def main() -> None:
                         for part in warm_runs[0][1]
                     )
                     size = "x".join(map(str, shape))
-                    row = (f"| {name} | {size} | {cold:.3f} | {chromium:.3f} / {encoded:.3f} / {raw:.3f} | "
+                    row = (f"| {name} | {size} | {cold:.3f} | {' / '.join(f'{t:.3f}' for t in warm_ohif)} | "
                            f"{warm:.3f} | {cold / chromium:.1f} | {server_side} |")
                     if sam:
                         stages = statistics.median(sum(lat[p] for p in predictor_parts) for _, lat in warm_runs)
                         predictor = predictor_warm_seconds(checkpoint, studies / f"{name}.nii.gz", voxel, args.warm)
-                        row += (f" {predictor:.3f} / {stages:.3f} | {chromium / predictor:.1f} / "
-                                f"{encoded / predictor:.1f} / {raw / predictor:.1f} |")
+                        row += (f" {predictor:.3f} / {stages:.3f} | "
+                                + " / ".join(f"{t / predictor:.1f}x" for t in warm_ohif) + " |")
                     print(row)
-                print(f"\n| scan | raw reply | zlib level {DEFLATE_LEVEL}, whole body | deflate_sparse | speed-up |")
+                print(f"\n| scan | raw reply | encode / decode: zlib level {DEFLATE_LEVEL}, whole body | "
+                      f"deflate_sparse | zstd level {ZSTD_LEVEL} |")
                 print("|---|---|---|---|---|")
                 for name, (voxel, _) in clicks.items():
                     print(encoding_row(url, model, name, voxel))

@@ -1,4 +1,4 @@
-"""The infer reply's deflate encoding: whatever the body, a standard zlib decoder gets it back exactly."""
+"""The infer reply's encodings: whatever the body, a standard zlib or zstd decoder gets it back exactly."""
 
 from __future__ import annotations
 
@@ -6,8 +6,9 @@ import zlib
 
 import numpy as np
 import pytest
+from backports import zstd
 
-from segany_pet.label.server import ZERO_CHUNK_BYTES, deflate_sparse
+from segany_pet.label.server import ZERO_CHUNK_BYTES, accepted_codings, deflate_sparse, zstd_encode
 
 
 def bodies():
@@ -29,3 +30,25 @@ def test_deflate_sparse_round_trips(name):
     assert zlib.decompress(encoded) == body  # checks the Adler-32 too
     if name == "sparse label":
         assert len(encoded) < len(body) / 50
+
+
+@pytest.mark.parametrize("name", list(bodies()))
+def test_zstd_encode_round_trips_from_parts(name):
+    body = bodies()[name]
+    parts = [body[:100], memoryview(np.frombuffer(body[100:], np.uint8))]  # as the NRRD reply: header, voxels
+    encoded = zstd_encode(*parts)
+    assert zstd.decompress(encoded) == body
+    if name == "sparse label":
+        assert len(encoded) < len(body) / 50
+
+
+@pytest.mark.parametrize(("header", "expected"), [
+    ("gzip, deflate, br, zstd", {"gzip", "deflate", "br", "zstd"}),
+    ("ZSTD;q=0.5 , deflate", {"zstd", "deflate"}),
+    ("zstd;q=0, deflate;q=1.0", {"deflate"}),
+    ("zstd;q=zero, deflate", {"deflate"}),
+    ("", set()),
+    ("identity", {"identity"}),
+])
+def test_accepted_codings(header, expected):
+    assert accepted_codings(header) == expected
