@@ -82,6 +82,8 @@ def test_a_click_in_ohif_returns_a_mask_into_the_viewer(tmp_path):
                 params = form_params(response.request.post_data_buffer)
                 assert len(params["foreground"]) >= 1 and params["result_extension"] == ".nrrd"
                 header, mask = read_nrrd(response.body())
+                # the browser asked for zstd and decoded it (the label is large enough to be compressed)
+                assert response.headers.get("content-encoding") == "zstd", response.headers
                 click = params["foreground"][-1]
                 print(f"OHIF click at voxel {click}: mask of {int(mask.sum())} voxels")
                 assert mask.shape == volume.shape and mask[tuple(click)] > 0  # the clicked object, on the PET grid
