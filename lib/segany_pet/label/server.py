@@ -247,7 +247,7 @@ def serve_infer_off_the_event_loop(app: FastAPI, nrrd_tasks: Mapping | None = No
 
     A label file (``output=image``) is sent from memory instead of streamed by ``FileResponse``, whose 64 kB
     chunks each cross a thread: ~0.02 s on a 4 mm whole-body reply (scripts/benchmark_server.py); and large
-    replies go deflate-encoded to clients that accept it (`label_response`).
+    replies go compressed (zstd or deflate) to clients that accept it (`label_response`).
     """
     from monailabel.endpoints import infer as infer_endpoint
 
