@@ -52,7 +52,8 @@ from segany_pet.prompts import centre_click
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking"]
-# A click as the OHIF panel sends it, timed in the page until the whole reply is in an ArrayBuffer.
+# A click as the OHIF panel sends it, timed in the page until the whole reply is in an ArrayBuffer, and until
+# fetch resolves (the reply's headers are in; the rest is the browser decoding the body and handing it over).
 BROWSER_CLICKS = """async ([path, params, count]) => {
     const seconds = [];
     for (let i = 0; i < count; i++) {
@@ -60,9 +61,10 @@ BROWSER_CLICKS = """async ([path, params, count]) => {
         form.append("params", params);
         const started = performance.now();
         const reply = await fetch(path, {method: "POST", body: form});
+        const headers = performance.now();
         if (!reply.ok) throw new Error(`infer answered ${reply.status}: ${await reply.text()}`);
         await reply.arrayBuffer();
-        seconds.push((performance.now() - started) / 1000);
+        seconds.push([(performance.now() - started) / 1000, (headers - started) / 1000]);
     }
     return seconds;
 }"""
@@ -114,7 +116,8 @@ def click(url: str, model: str, image: str, voxel: list[int], output: str = "all
     return elapsed, reply_params["latencies"]
 
 
-def browser_clicks(page, model: str, image: str, voxel: list[int], count: int) -> list[float]:
+def browser_clicks(page, model: str, image: str, voxel: list[int], count: int) -> list[list[float]]:
+    """[seconds to the whole reply, seconds to its headers] of each click."""
     return page.evaluate(BROWSER_CLICKS, [f"/infer/{model}?image={image}&output=image", ohif_params(voxel), count])
 
 
@@ -218,7 +221,9 @@ def main() -> None:
                     cold, _ = click(url, model, name, voxel)
                     # output=image is OHIF's request (the label file alone); output=all adds the reply params
                     # (PET numbers, latencies) in a multipart reply, as the Python client and Slicer read them.
-                    chromium = statistics.median(browser_clicks(page, model, name, voxel, args.warm))
+                    in_browser = browser_clicks(page, model, name, voxel, args.warm)
+                    chromium = statistics.median(whole for whole, _ in in_browser)
+                    chromium_headers = statistics.median(headers for _, headers in in_browser)
                     warm_ohif = [chromium] + [
                         statistics.median(click(url, model, name, voxel, "image", encoding)[0]
                                           for _ in range(args.warm))
@@ -231,7 +236,8 @@ def main() -> None:
                         for part in warm_runs[0][1]
                     )
                     size = "x".join(map(str, shape))
-                    row = (f"| {name} | {size} | {cold:.3f} | {' / '.join(f'{t:.3f}' for t in warm_ohif)} | "
+                    row = (f"| {name} | {size} | {cold:.3f} | {' / '.join(f'{t:.3f}' for t in warm_ohif)} "
+                           f"(Chromium's headers in {chromium_headers:.3f}) | "
                            f"{warm:.3f} | {cold / chromium:.1f} | {server_side} |")
                     if sam:
                         stages = statistics.median(sum(lat[p] for p in predictor_parts) for _, lat in warm_runs)

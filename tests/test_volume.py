@@ -11,7 +11,7 @@ import pytest
 
 from segany_pet.errors import InvalidImageError, PromptError
 from segany_pet.label.infer import parse_roi
-from segany_pet.pet import VolumeCache, load_nifti, save_mask
+from segany_pet.pet import VolumeCache, load_nifti, mask_nrrd, save_mask
 
 OBLIQUE = np.array([[0.0, -2.0, 0.0, 10.0], [3.0, 0.0, 0.0, -20.0], [0.0, 0.0, 4.0, 5.0], [0.0, 0.0, 0.0, 1.0]])
 
@@ -73,6 +73,21 @@ def test_saved_mask_is_voxel_aligned_with_the_image(tmp_path, extension, order, 
         data = np.asanyarray(image.dataobj)
         np.testing.assert_allclose(image.affine, OBLIQUE)
     np.testing.assert_array_equal(data, mask)
+
+
+@pytest.mark.parametrize("compress", [False, True])
+def test_nrrd_with_a_nonzero_box_sends_the_empty_stretches_as_shared_zeros(compress):
+    mask = np.zeros((300, 200, 40), np.uint8, order="F")  # 2.4 MB: more than one shared zero block either side
+    mask[10:20, 150:160, 20:23] = 1
+    mask[299, 5, 21] = 1  # the box's first and last rows, not only its slices
+    mask[0, 199, 20] = 1
+    box = (slice(0, 300), slice(5, 200), slice(20, 23))
+    whole = b"".join(mask_nrrd(mask, OBLIQUE, compress))
+    parts = mask_nrrd(mask, OBLIQUE, compress, nonzero_box=box)
+    assert b"".join(parts) == whole
+    if not compress:
+        assert len(parts) > 4  # header, zero blocks, the box's span, zero blocks
+        assert sum(memoryview(part).nbytes for part in parts[1:]) == mask.size
 
 
 def test_cache_reads_once_and_rereads_a_replaced_file(tmp_path):

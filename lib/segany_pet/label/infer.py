@@ -94,7 +94,7 @@ def nrrd_reply(volume, mask: np.ndarray, params: dict, latencies: dict, region=N
     The server sends it without the round trip through a file (an autoPET-sized label is 52 MB)."""
     reply, latencies = _quantified(volume, mask, params, latencies, region)
     started = time.perf_counter()
-    parts = mask_nrrd(mask, volume.affine)
+    parts = mask_nrrd(mask, volume.affine, nonzero_box=region)
     return parts, _timed(reply, {**latencies, "write": time.perf_counter() - started})
 
 

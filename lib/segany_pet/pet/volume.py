@@ -114,14 +114,29 @@ def save_mask(mask: np.ndarray, affine: np.ndarray, path: str | os.PathLike, com
         raise ValueError(f"unsupported label format for {os.path.basename(path)}: use .nrrd or .nii.gz")
 
 
-def mask_nrrd(mask: np.ndarray, affine: np.ndarray, compress: bool = False) -> list:
-    """A uint8 label as an NRRD file (OHIF, Slicer) in two parts: the header, then the voxels in Fortran order.
+# Shared zero bytes for the empty stretches of a label reply (see mask_nrrd).
+_ZERO_BLOCK = memoryview(np.zeros(1 << 20, dtype=np.uint8)).toreadonly()
+
+
+def _zeros(count: int) -> list[memoryview]:
+    """``count`` zero bytes as views of one shared block."""
+    whole, rest = divmod(count, len(_ZERO_BLOCK))
+    return [_ZERO_BLOCK] * whole + ([_ZERO_BLOCK[:rest]] if rest else [])
+
+
+def mask_nrrd(mask: np.ndarray, affine: np.ndarray, compress: bool = False, nonzero_box=None) -> list:
+    """A uint8 label as an NRRD file (OHIF, Slicer) in parts: the header, then the voxels in Fortran order.
 
     Uncompressed, the voxels are a view of ``mask`` when it is Fortran-ordered (the predictor's masks are), not
     a copy: an autoPET-sized reply is 52 MB, and pynrrd's writer copies it once more before writing (the
     header is written here for that reason; pynrrd reads the files back in the tests). Compressed: gzip
     level 1, which on a mostly empty whole-body mask is 2.3x faster than the default level 6 for a file of a
     few hundred kB either way.
+
+    ``nonzero_box`` (slices holding every non-zero voxel, as the predictor reports them): the voxels before
+    and after its span in Fortran order are sent as views of one shared zero block instead of the mask's own
+    pages. A fresh mask's untouched pages cost a page fault each when first read: on an autoPET-sized label
+    that doubled the time to compress the reply (scripts/benchmark_server.py).
     """
     mask = np.asfortranarray(mask, dtype=np.uint8)
     header = "".join(
@@ -138,11 +153,19 @@ def mask_nrrd(mask: np.ndarray, affine: np.ndarray, compress: bool = False) -> l
             ("space origin", nrrd.format_vector(affine[:3, 3])),
         )
     )
-    voxels = mask.ravel(order="F").data
+    flat = mask.ravel(order="F")
+    voxels = [flat.data]
+    if nonzero_box is not None:
+        nx, ny, _ = mask.shape
+        first = [s.start for s in nonzero_box]
+        last = [s.stop - 1 for s in nonzero_box]
+        start = first[0] + nx * (first[1] + ny * first[2])
+        stop = last[0] + nx * (last[1] + ny * last[2]) + 1
+        voxels = [*_zeros(start), flat[start:stop].data, *_zeros(flat.size - stop)]
     if compress:
         compressor = zlib.compressobj(1, zlib.DEFLATED, zlib.MAX_WBITS | 16)
-        voxels = compressor.compress(voxels) + compressor.flush()
-    return [f"NRRD0004\n{header}\n".encode("ascii"), voxels]
+        voxels = [b"".join([compressor.compress(part) for part in voxels] + [compressor.flush()])]
+    return [f"NRRD0004\n{header}\n".encode("ascii"), *voxels]
 
 
 class VolumeCache:
