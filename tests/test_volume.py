@@ -77,7 +77,7 @@ def test_saved_mask_is_voxel_aligned_with_the_image(tmp_path, extension, order, 
 
 @pytest.mark.parametrize("compress", [False, True])
 def test_nrrd_with_a_nonzero_box_sends_the_empty_stretches_as_shared_zeros(compress):
-    mask = np.zeros((300, 200, 40), np.uint8, order="F")  # 2.4 MB: more than one shared zero block either side
+    mask = np.zeros((300, 200, 40), np.uint8, order="F")  # 1.2 MB of zeros before the box: two shared blocks
     mask[10:20, 150:160, 20:23] = 1
     mask[299, 5, 21] = 1  # the box's first and last rows, not only its slices
     mask[0, 199, 20] = 1

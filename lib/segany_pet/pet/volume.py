@@ -135,8 +135,9 @@ def mask_nrrd(mask: np.ndarray, affine: np.ndarray, compress: bool = False, nonz
 
     ``nonzero_box`` (slices holding every non-zero voxel, as the predictor reports them): the voxels before
     and after its span in Fortran order are sent as views of one shared zero block instead of the mask's own
-    pages. A fresh mask's untouched pages cost a page fault each when first read: on an autoPET-sized label
-    that doubled the time to compress the reply (scripts/benchmark_server.py).
+    pages. A fresh mask's untouched pages cost a page fault each when first read: zstd over a fresh
+    autoPET-sized mask took 0.037 s, over the same mask sent this way 0.020 s (a warm click from Python in
+    scripts/benchmark_server.py: 0.22 -> 0.16 s).
     """
     mask = np.asfortranarray(mask, dtype=np.uint8)
     header = "".join(

@@ -17,7 +17,7 @@ Choices, documented where a user meets them:
   targets excluded) is above ``UPTAKE_NEIGHBOUR_FRACTION`` of its SUVmax: there a threshold leaks, and the
   model must find the edge itself. The sampler can draw such lesions more often (``touching_weight``).
   On 40 training phantoms this flag agrees with the phantoms' own "touches an organ" record for 77% of the
-  347 lesions (the rest: faint lesions in the liver, lesions beside cold organs).
+  347 lesions.
 - Everything is cropped, resampled and normalised by the predictor's own functions (`CropGeometry.around`,
   `crop_volume`, `normalise`): one path for training and inference.
 """
