@@ -10,11 +10,12 @@ through `Predictor.set_volume(...).predict(...)` in this process (what the serve
 uptake edge included; embeddings cached), so REST overhead = click / predictor. The predictor's stages as the
 server reports them (crop + encode + decode + paste + edge) are shown next to it.
 
-OHIF's warm click is timed four ways side by side: from Debian's headless Chromium (``fetch`` from a page
-of the server, as the OHIF panel sends it: the browser accepts zstd and decodes the reply natively), and from
+OHIF's warm click is timed five ways side by side: from Debian's headless Chromium (``fetch`` from a page
+of the server, as the OHIF panel sends it: the browser accepts zstd and decodes the reply natively), from
 Python ``requests`` accepting zstd, deflate, or neither (``Accept-Encoding: identity``: the raw label, the
-path before replies were compressed). Last, the reply's encodings on their own, in this process, on each
-scan's raw reply: zlib over the whole body, `deflate_sparse` and `zstd_encode`, and decoding each.
+path before replies were compressed), and over ``http.client`` (the transport of MONAI Label's Python
+client, raw). Last, the reply's encodings on their own, in this process, on each scan's raw reply: zlib
+over the whole body, `deflate_sparse` and `zstd_encode`, and decoding each.
 
     .venv/bin/python scripts/benchmark_server.py [--starts 3] [--warm 5] [--sam PRESET | --model FILE]
 """
@@ -22,6 +23,7 @@ scan's raw reply: zlib over the whole body, `deflate_sparse` and `zstd_encode`, 
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
 import os
 
@@ -33,6 +35,7 @@ import statistics
 import subprocess
 import tempfile
 import time
+import urllib.parse
 import zlib
 from pathlib import Path
 
@@ -114,6 +117,26 @@ def click(url: str, model: str, image: str, voxel: list[int], output: str = "all
         return elapsed, None
     reply_params = json.loads(response.content.split(b"\r\n\r\n", 2)[1].split(b"\r\n--")[0])
     return elapsed, reply_params["latencies"]
+
+
+def http_client_click(url: str, model: str, image: str, voxel: list[int]) -> float:
+    """OHIF's click over ``http.client``, the transport of MONAI Label's Python client (and Slicer's copy of it):
+    it asks for ``Accept-Encoding: identity``, so the label comes raw."""
+    address = urllib.parse.urlsplit(url)
+    query = urllib.parse.urlencode({"image": image, "output": "image"})
+    body = urllib.parse.urlencode({"params": ohif_params(voxel)})
+    started = time.perf_counter()
+    connection = http.client.HTTPConnection(address.hostname, address.port, timeout=300)
+    try:
+        connection.request("POST", f"/infer/{model}?{query}", body,
+                           {"Content-Type": "application/x-www-form-urlencoded"})
+        response = connection.getresponse()
+        response.read()
+    finally:
+        connection.close()
+    if response.status != 200:
+        raise RuntimeError(f"infer answered {response.status}")
+    return time.perf_counter() - started
 
 
 def browser_clicks(page, model: str, image: str, voxel: list[int], count: int) -> list[list[float]]:
@@ -211,7 +234,8 @@ def main() -> None:
             page.goto(f"{url}/info/")  # a page of the server's origin, as OHIF's panel is
             try:
                 predictor_parts = ("crop", "encode", "decode", "paste", "edge")
-                clients = " / ".join(["Chromium", *(f"requests {coding}" for coding in CLIENT_ENCODINGS)])
+                clients = " / ".join(["Chromium", *(f"requests {coding}" for coding in CLIENT_ENCODINGS),
+                                      "http.client raw"])
                 print(f"| scan | shape | cold click (s) | warm OHIF click median (s): {clients} | with params (s) | "
                       "cold / warm | warm server-side (s) |"
                       + (f" predictor warm (s): in-process / stages | warm click / predictor: {clients} |"
@@ -228,7 +252,7 @@ def main() -> None:
                         statistics.median(click(url, model, name, voxel, "image", encoding)[0]
                                           for _ in range(args.warm))
                         for encoding in CLIENT_ENCODINGS.values()
-                    ]
+                    ] + [statistics.median(http_client_click(url, model, name, voxel) for _ in range(args.warm))]
                     warm_runs = [click(url, model, name, voxel) for _ in range(args.warm)]
                     warm = statistics.median(seconds for seconds, _ in warm_runs)
                     server_side = ", ".join(
