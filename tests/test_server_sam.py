@@ -8,12 +8,14 @@ from __future__ import annotations
 import json
 import threading
 import time
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
 import requests
 from monailabel.client import MONAILabelClient
+from requests_toolbelt.multipart.decoder import MultipartDecoder
 
 from segany_pet.label.infer import OHIF_RESULT_PARAMS
 from support import LARGE_SCAN, case_truth, read_nrrd
@@ -74,6 +76,31 @@ def test_ohif_label_sent_from_memory_matches_the_label_written_to_a_file(server,
         np.testing.assert_array_equal(memory_header[field], file_header[field])
     np.testing.assert_array_equal(memory_mask, file_mask)
     assert from_memory.headers["content-disposition"].endswith('.nrrd"')
+
+
+def test_python_client_gets_the_label_and_its_params_from_memory_as_from_a_file(server, scan, tmp_path):
+    # No output=image: MONAI Label's multipart answer (params, then the label file), as its Python client reads
+    # it; an uncompressed NRRD comes from memory, a compressed one through a result file.
+    case, centre = scan
+    client = MONAILabelClient(server, tmpdir=str(tmp_path))
+    click = {"foreground": [centre], "background": [], "edge": "model"}
+    memory_file, memory_params = client.infer(MODEL, case, {**click, **OHIF_RESULT_PARAMS})
+    file_file, file_params = client.infer(MODEL, case, {**click, **OHIF_RESULT_PARAMS, "result_compress": True})
+    assert Path(memory_file).name == f"{MODEL}_label.nrrd"  # from memory: a result file has a temporary name
+    memory_header, memory_mask = read_nrrd(Path(memory_file).read_bytes())
+    file_header, file_mask = read_nrrd(Path(file_file).read_bytes())
+    assert memory_header["encoding"] == "raw" and file_header["encoding"] == "gzip"
+    np.testing.assert_array_equal(memory_mask, file_mask)
+    assert memory_mask.any()
+    assert memory_params["quantification"] == file_params["quantification"]
+    assert {key for key in memory_params if key != "latencies"} == {key for key in file_params if key != "latencies"}
+    compressed = requests.post(f"{server}/infer/{MODEL}", params={"image": case, "output": "all"},
+                               data={"params": json.dumps({**click, **OHIF_RESULT_PARAMS})},
+                               headers={"Accept-Encoding": "zstd"}, timeout=120)
+    assert compressed.status_code == 200 and compressed.headers["content-encoding"] == "zstd"
+    params_part, label_part = MultipartDecoder.from_response(compressed).parts
+    assert json.loads(params_part.content)["quantification"] == memory_params["quantification"]
+    np.testing.assert_array_equal(read_nrrd(label_part.content)[1], memory_mask)
 
 
 def test_edge_is_chosen_per_click_and_reported(server, scan):

@@ -9,6 +9,7 @@ import inspect
 import json
 import logging
 import os
+import secrets
 import struct
 import time
 import zlib
@@ -210,14 +211,30 @@ def _disposition(filename: str) -> dict:
     return {"Content-Disposition": f'attachment; filename="{filename}"'}
 
 
+def multipart_reply(params: dict, filename: str, file_parts) -> tuple[list, str]:
+    """MONAI Label's answer to a request without ``output=image`` (form fields ``params``, JSON, and ``image``,
+    the label file), as (parts, media type) over the file's parts in memory: requests_toolbelt's encoder, which
+    MONAI Label uses, wants one file object, and joining an autoPET-sized label into one costs a 52 MB copy."""
+    boundary = secrets.token_hex(16)
+    head = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="params"\r\nContent-Type: application/json\r\n\r\n'
+        f"{json.dumps(params)}\r\n--{boundary}\r\n"
+        f'Content-Disposition: form-data; name="image"; filename="{filename}"\r\n'
+        "Content-Type: application/octet-stream\r\n\r\n"
+    )
+    return [head.encode(), *file_parts, f"\r\n--{boundary}--\r\n".encode()], \
+        f"multipart/form-data; boundary={boundary}"
+
+
 def infer_stored_image(background_tasks, model: str, image: str, params: str, output, nrrd_tasks: Mapping):
     """MONAI Label's ``run_inference`` for the common request (a stored image and params, nothing uploaded),
     without the ``instance.info()`` it makes on every request: that builds the whole /info (GET /info/ takes
     15 ms at 6,000 scans) to read a ``config`` key MONAI Label's info never has.
 
-    The label OHIF asks for (``output=image``, an uncompressed ``.nrrd``) from a task in ``nrrd_tasks`` comes
-    from memory (its ``nrrd_reply``) as a ``(parts, file name)`` pair, not through a result file: writing an
-    autoPET-sized label and reading it back cost 0.12 s a click (py-spy over scripts/benchmark_server.py)."""
+    An uncompressed ``.nrrd`` label from a task in ``nrrd_tasks`` (what OHIF asks for, with ``output=image``;
+    Python clients may ask for it with the reply params too) comes from memory (its ``nrrd_reply``) as
+    ``(parts, media type, headers)``, not through a result file: writing an autoPET-sized label and reading it
+    back cost 0.12 s a click (py-spy over scripts/benchmark_server.py)."""
     from monailabel.endpoints import infer as infer_endpoint
     from monailabel.interfaces.utils.app import app_instance
 
@@ -225,12 +242,16 @@ def infer_stored_image(background_tasks, model: str, image: str, params: str, ou
     request = {"model": model, "image": image, **(json.loads(params) if params else {})}
     logger.info("Infer Request: %s", request)
     task = nrrd_tasks.get(model)
-    if task is not None and output == "image" and result_format(request) == (".nrrd", False) \
+    if task is not None and output in (None, "image", "all") and result_format(request) == (".nrrd", False) \
             and not request.get("save_label"):
         if not os.path.exists(image):  # as MONAILabelApp.infer: an image id, not a path, becomes the file
             request["image"] = instance.datastore().get_image_uri(image)
-        parts, _ = task.nrrd_reply(request)
-        return parts, f"{model}_label.nrrd"
+        parts, reply = task.nrrd_reply(request)
+        filename = f"{model}_label.nrrd"
+        if output == "image":
+            return parts, "application/octet-stream", _disposition(filename)
+        parts, media_type = multipart_reply(reply, filename, parts)
+        return parts, media_type, {}
     result = instance.infer(request)
     if result is None:
         raise HTTPException(status_code=500, detail="Failed to execute infer")
@@ -261,9 +282,8 @@ def serve_infer_off_the_event_loop(app: FastAPI, nrrd_tasks: Mapping | None = No
             reply = infer_endpoint.run_inference(background_tasks, model, image, session_id, params, file, label,
                                                  output)
         if isinstance(reply, tuple):
-            parts, filename = reply
-            return label_response(parts, http_request, media_type="application/octet-stream",
-                                  headers=_disposition(filename))
+            parts, media_type, headers = reply
+            return label_response(parts, http_request, media_type=media_type, headers=headers)
         if isinstance(reply, FileResponse):
             with open(reply.path, "rb") as result:
                 content = result.read()  # MONAI Label's background task removes the file after the reply
