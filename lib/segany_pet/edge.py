@@ -5,15 +5,11 @@ on PET is what the EANM guideline's threshold says, a fraction of its SUVmax. `s
 threshold region from the lesion clicks (the classical method of `segany_pet.evaluate.baselines`, background
 clicks included) and takes it, holes filled (a necrotic core is part of the lesion), only when it stays
 within the model's mask: at least ``INSIDE_SHARE`` of it inside the mask grown by ``MARGIN_VOXELS``. A region
-that leaks into an organ fails that test and the model's own mask stands. So does a region whose SUVmax lies
-outside it: hotter uptake within the search radius (a bowel loop beside the lesion) set the threshold, which
-cuts the lesion down to its hottest core, 41% of another structure's SUVmax.
+that leaks into an organ fails that test and the model's own mask stands.
 
 Measured with the previous default model (v1) on 12 synthetic tuning phantoms (seed 1, separate from the
 training and test cohorts; model/README.md): mean Dice after one click 0.610 -> 0.694, isolated 0.633 -> 0.751,
-touching an organ 0.572 -> 0.599. The margin and share were chosen there, never on the test cohort. Refusing a
-threshold set outside the region, measured there with v3: all 0.720 -> 0.723, touching 0.628 -> 0.637 (one
-lesion of 88 keeps the model's mask; none loses).
+touching an organ 0.572 -> 0.599. The margin and share were chosen there, never on the test cohort.
 """
 
 from __future__ import annotations
@@ -49,9 +45,6 @@ def snap_to_uptake(
     if region is None or not foreground:
         return region, False
     grown = regions_from_clicks(suv, spacing, foreground, background, method)
-    if any(click_region.mask.any() and suv[click_region.box][click_region.mask].max() < click_region.suvmax
-           for click_region in grown):
-        return region, False
     boxes = [click_region.box for click_region in grown] + [region]
     work = tuple(slice(min(b[a].start for b in boxes), max(b[a].stop for b in boxes)) for a in range(3))
     uptake = np.zeros([s.stop - s.start for s in work], dtype=bool)
