@@ -149,7 +149,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"training: {stats['step']} steps of {args.batch_size} crops{timing}, best validation Dice after 1 click "
           f"{stats['best_metric']}", flush=True)
 
-    model = load_checkpoint(Path(config.output_dir) / MODEL_BEST)
+    best = Path(config.output_dir) / MODEL_BEST
+    if not best.exists():  # fine-tuning where no epoch beat the start weights on validation (validate_start_model)
+        print(f"no epoch beat the start weights' validation Dice after 1 click ({stats['best_metric']}): "
+              f"{args.init_checkpoint} stays the better model and nothing is written to {args.out}")
+        return 1
+    model = load_checkpoint(best)
     args.out.mkdir(parents=True, exist_ok=True)
     summary, details = evaluate_cohort(model, test_dir / "images", test_dir / "truth", clicks=args.eval_clicks,
                                        autopet=not args.no_autopet)
