@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -20,7 +21,7 @@ from segany_pet.model import (
     expected_shapes,
 )
 from segany_pet.model.image_encoder import RelPosAttention
-from segany_pet.model.layers import LayerNorm3d
+from segany_pet.model.layers import LayerNorm3d, fold_detail, unfold_detail
 
 # All 324 keys and shapes of the published checkpoint (copied from shared/reference/ into the package).
 REFERENCE_KEYS = Path(segany_pet.model.__file__).with_name("sam_med3d_vit_b_ori_keys.json")
@@ -123,6 +124,8 @@ def test_preset_round_trip_and_validation():
         Preset(name="bad", crop_size=100, spacing_mm=1.0, normalisation="log_suv")
     with pytest.raises(ValueError, match="normalisation"):
         Preset(name="bad", crop_size=128, spacing_mm=1.0, normalisation="minmax")
+    with pytest.raises(ValueError, match="detail_width"):
+        dataclasses.replace(TINY, detail_width=-1)
     with pytest.raises(ValueError, match="unknown preset fields"):
         Preset.from_dict({**published.to_dict(), "dropout": 0.1})
     with pytest.raises(KeyError, match="segany_pet_small"):
@@ -310,6 +313,24 @@ def test_mask_prompt_multimask_and_one_embedding_for_several_prompts():
         batched, iou = model.decode(embedding, click((5, 5, 5), (20, 20, 20)))  # batch-1 embedding, 2 prompt sets
         assert batched.shape == (2, 1, low, low, low) and iou.shape == (2, 1)
         assert torch.allclose(batched[:1], first, atol=1e-5)
+
+
+def test_detail_features_fold_into_the_embedding_and_serve_several_prompt_sets():
+    preset = dataclasses.replace(TINY, detail_width=4)
+    model = randomise(build_model(preset))
+    low = preset.low_res_size
+    detail = torch.randn(2, preset.prompt_dim // 8, low, low, low)
+    assert torch.equal(unfold_detail(fold_detail(detail)), detail)
+    assert fold_detail(detail)[0, :64, 0, 0, 0].tolist() == detail[0, 0, :4, :4, :4].flatten().tolist()
+    with torch.no_grad():
+        embedding = model.embed(volume(preset))
+        assert embedding.shape == (1, preset.prompt_dim * 9, 4, 4, 4)  # C + 64 * C / 8 channels
+        first, _ = model.decode(embedding, click((5, 5, 5)))
+        batched, _ = model.decode(embedding, click((5, 5, 5), (20, 20, 20)))
+        assert torch.allclose(batched[:1], first, atol=1e-5)
+        torch.nn.init.zeros_(model.detail_encoder.convs[-1].weight)
+        torch.nn.init.zeros_(model.detail_encoder.convs[-1].bias)
+        assert (model.decode(model.embed(volume(preset)), click((5, 5, 5)))[0] - first).abs().max() > 1e-3
 
 
 def test_bfloat16_inference_is_opt_in_and_close_to_float32():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import logging
 import pickle
@@ -87,6 +88,26 @@ def test_own_checkpoint_round_trip(tmp_path):
         assert torch.equal(got, expected)
     with pytest.raises(ValueError, match="reserved"):
         save_checkpoint(model, tmp_path / "x.pth", preset="other")
+
+
+def test_a_detail_encoder_grafted_onto_a_checkpoint_starts_as_the_file_and_then_counts(tmp_path):
+    model = randomise(build_model(TINY), seed=5)
+    path = save_checkpoint(model, tmp_path / "plain.pth")
+    grafted = load_checkpoint(path, detail_width=4)
+    assert grafted.preset == dataclasses.replace(TINY, detail_width=4)
+    assert grafted.initialised_keys and all(k.startswith("detail_encoder.") for k in grafted.initialised_keys)
+    for got, expected in zip(outputs(grafted, TINY), outputs(model, TINY), strict=True):
+        assert torch.equal(got, expected)
+    # Trained (here: randomised), the detail features change the masks, and the file keeps them.
+    randomise(grafted.detail_encoder, seed=6)
+    detailed = outputs(grafted, TINY)
+    assert (detailed[0] - outputs(model, TINY)[0]).abs().max() > 1e-3
+    reloaded = load_checkpoint(save_checkpoint(grafted, tmp_path / "detail.pth"), detail_width=4)
+    assert reloaded.preset.detail_width == 4 and reloaded.initialised_keys == ()
+    for got, expected in zip(outputs(reloaded, TINY), detailed, strict=True):
+        assert torch.equal(got, expected)
+    # A file without one loads as it is unless a detail encoder is asked for.
+    assert load_checkpoint(path).preset == TINY
 
 
 def test_own_checkpoint_must_be_complete(tmp_path):

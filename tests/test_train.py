@@ -403,6 +403,12 @@ def test_fine_tuning_that_does_not_beat_its_start_model_writes_no_best_model(tmp
     assert stats["best_metric"] == start_dice and stats["best_metric_epoch"] == 0
     assert not (tmp_path / "kept" / MODEL_BEST).exists()
 
+    # A detail encoder added for fine-tuning starts silent: the start model validates as the file does.
+    detail = dataclasses.replace(TINY, detail_width=4).to_dict()
+    trainer = Trainer(config(tmp_path / "detail", **frozen, preset=detail), records)
+    stats = trainer.run()
+    assert trainer.model.preset.detail_width == 4 and stats["start_model"]["val"][KEY_METRIC] == start_dice
+
     stats = Trainer(config(tmp_path / "always", **frozen, validate_start_model=False), records).run()
     assert stats["start_model"]["val"] is None and stats["best_metric_epoch"] == 1
     assert (tmp_path / "always" / MODEL_BEST).exists()

@@ -564,7 +564,7 @@ class Predictor:
         image = normalise(crop, self.preset.normalisation)
         encoding = time.perf_counter()
         with self._model_lock, torch.no_grad():
-            embedding = self.model.image_encoder(image[None, None].to(self.device)).float()
+            embedding = self.model.embed(image[None, None].to(self.device)).float()
         latencies["crop"] += encoding - started
         latencies["encode"] += time.perf_counter() - encoding
         with self._lock:

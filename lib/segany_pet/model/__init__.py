@@ -2,7 +2,7 @@
 (architecture + preprocessing), and checkpoints.
 
     model = load_checkpoint("model/sam_med3d_turbo.pth")      # or build_model("segany_pet_small")
-    embedding = model.image_encoder(crop)                      # (B, 1, S, S, S) -> (B, C, g, g, g); cache it
+    embedding = model.embed(crop)                              # (B, 1, S, S, S) -> (B, C, g, g, g); cache it
     low_res_logits, iou = model.decode(embedding, points=(coords, labels), boxes=None, masks=None)
 
 Coordinates are crop voxel indices in tensor axis order (D, H, W).

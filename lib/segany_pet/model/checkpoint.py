@@ -13,6 +13,7 @@ published file; they are then initialised (reproducibly) and listed in `model.in
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import logging
 import os
@@ -23,6 +24,7 @@ from pathlib import Path
 import torch
 
 from ..errors import CheckpointError
+from .image_encoder import DetailEncoder3D
 from .prompt_encoder import BOX_CORNER_KEYS
 from .sam3d import PRESETS, Preset, Sam3D
 
@@ -37,6 +39,7 @@ _SIGNATURE_KEYS = (
     "image_encoder.pos_embed",
     "prompt_encoder.no_mask_embed.weight",
 )
+DETAIL_PREFIX = "detail_encoder."
 _SHOWN = 5  # keys named per problem in an error message
 
 
@@ -171,30 +174,42 @@ def check_state_dict(state: dict[str, torch.Tensor], preset: Preset, may_miss=()
 
 
 def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu", *,
-                    allow_unsafe_pickle: bool = True) -> Sam3D:
+                    allow_unsafe_pickle: bool = True, detail_width: int = 0) -> Sam3D:
     """A Sam3D in eval mode from an own or published checkpoint file; CheckpointError if it cannot be.
 
     allow_unsafe_pickle: permit a full (code-running) unpickle of files holding objects beyond tensors and
     argparse.Namespace; with False such files raise CheckpointError.
+    detail_width: give a model that has no detail encoder a new one of this width (`Preset.detail_width`),
+    for fine-tuning; it starts at zero output, so the model answers as the file does.
     """
     path = Path(path)
     state, preset, extra = _unpack(_read(path, allow_unsafe_pickle), path)
     own = preset is not None
     preset = preset or recognise_preset(state, path)
-    initialised = check_state_dict(state, preset, () if own else BOX_CORNER_KEYS, path)
+    may_miss = () if own else BOX_CORNER_KEYS
+    if detail_width and not preset.detail_width:
+        preset = dataclasses.replace(preset, detail_width=detail_width)
+        may_miss += tuple(k for k in expected_shapes(preset) if k.startswith(DETAIL_PREFIX))
+    initialised = check_state_dict(state, preset, may_miss, path)
     # nn.Embedding's N(0, 1) init, seeded so that a published model answers box prompts reproducibly.
     generator = torch.Generator().manual_seed(0)
     shapes = expected_shapes(preset)
     state = {k: v.to(device=device, dtype=torch.float32, copy=True) for k, v in state.items()}
-    state.update({k: torch.randn(shapes[k], generator=generator).to(device) for k in initialised})
+    state.update({k: torch.randn(shapes[k], generator=generator).to(device)
+                  for k in initialised if k in BOX_CORNER_KEYS})
+    if any(k.startswith(DETAIL_PREFIX) for k in initialised):
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            fresh = DetailEncoder3D(preset.crop_size, preset.low_res_size, preset.detail_width, preset.prompt_dim // 8)
+        state.update({DETAIL_PREFIX + k: v.to(device) for k, v in fresh.state_dict().items()})
     with torch.device("meta"):
         model = Sam3D(preset)
     model.load_state_dict(state, assign=True)
     model.initialised_keys = tuple(initialised)
     model.checkpoint_metadata = extra
-    if initialised:
+    if any(k in BOX_CORNER_KEYS for k in initialised):
         log.info("checkpoint %s has no %s (added by this project); initialised them: box prompts are "
-                 "untrained for this model", path, ", ".join(initialised))
+                 "untrained for this model", path, ", ".join(k for k in initialised if k in BOX_CORNER_KEYS))
     log.info("loaded checkpoint %s as preset %r", path, preset.name)
     return model.eval()
 

@@ -287,3 +287,34 @@ class ImageEncoder3D(nn.Module):
             for block in self.blocks:
                 x = block(x, self.attention_mode)
             return self.neck(x.permute(0, 4, 1, 2, 3)).to(self.pos_embed.dtype)
+
+
+class DetailEncoder3D(nn.Module):
+    """Local intensity features at the low-res logits' grid, for the mask decoder (this project's addition).
+
+    The ViT sees 12 mm tokens (segany_pet_small); a lesion's edge against an organ, or a lesion narrower than
+    a token, is finer than that. Three convolutions over the crop averaged down to the logits' grid (3 mm,
+    receptive field 7^3 voxels) give the decoder that detail. The last one starts at zero, so a model given a
+    detail encoder answers exactly as before until training moves it.
+    """
+
+    def __init__(self, crop_size: int, out_size: int, width: int, out_dim: int):
+        super().__init__()
+        if crop_size % out_size:
+            raise ValueError(f"crop size {crop_size} is not a multiple of the detail grid {out_size}")
+        self.pool = crop_size // out_size
+        self.convs = nn.Sequential(
+            nn.Conv3d(1, width, kernel_size=3, padding=1),
+            nn.GELU(),
+            nn.Conv3d(width, width, kernel_size=3, padding=1),
+            nn.GELU(),
+            nn.Conv3d(width, width, kernel_size=3, padding=1),
+            nn.GELU(),
+            nn.Conv3d(width, out_dim, kernel_size=1),
+        )
+        nn.init.zeros_(self.convs[-1].weight)
+        nn.init.zeros_(self.convs[-1].bias)
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        """(B, 1, S, S, S) -> (B, out_dim, S / pool, ...)."""
+        return self.convs(F.avg_pool3d(image, self.pool) if self.pool > 1 else image)

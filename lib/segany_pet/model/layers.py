@@ -49,3 +49,19 @@ class MLP(nn.Module):
             if i < len(self.layers) - 1:
                 x = F.relu(x)
         return x
+
+
+def fold_detail(detail: torch.Tensor) -> torch.Tensor:
+    """(B, D, 4g, 4g, 4g) -> (B, 64 D, g, g, g): each token's 4^3 block of detail voxels as channels."""
+    b, d, size = detail.shape[:3]
+    g = size // 4
+    blocks = detail.reshape(b, d, g, 4, g, 4, g, 4).permute(0, 1, 3, 5, 7, 2, 4, 6)
+    return blocks.reshape(b, d * 64, g, g, g)
+
+
+def unfold_detail(folded: torch.Tensor) -> torch.Tensor:
+    """The inverse of `fold_detail`."""
+    b, channels, g = folded.shape[:3]
+    d = channels // 64
+    blocks = folded.reshape(b, d, 4, 4, 4, g, g, g).permute(0, 1, 5, 2, 6, 3, 7, 4)
+    return blocks.reshape(b, d, 4 * g, 4 * g, 4 * g)

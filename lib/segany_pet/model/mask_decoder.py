@@ -1,7 +1,9 @@
 """The mask decoder: a two-way transformer between prompt tokens and the image embedding, then upscaling.
 
 Output tokens are an IoU token and 4 mask tokens; mask token 0 is the single-mask answer, tokens 1-3 the
-multimask answers. Low-res logits have 4x the embedding grid per side.
+multimask answers. Low-res logits have 4x the embedding grid per side. With ``detail`` the image embedding
+carries a detail encoder's features folded into its channels (`Sam3D.embed`); they are added to the upscaled
+image features the mask tokens are matched against.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import MLP, FeedForward, LayerNorm3d
+from .layers import MLP, FeedForward, LayerNorm3d, unfold_detail
 
 
 class TokenAttention(nn.Module):
@@ -85,8 +87,10 @@ class TwoWayTransformer(nn.Module):
 
 class MaskDecoder3D(nn.Module):
     def __init__(self, dim: int, depth: int, num_heads: int, mlp_dim: int, iou_head_hidden: int,
-                 num_multimask_outputs: int = 3):
+                 num_multimask_outputs: int = 3, detail: bool = False):
         super().__init__()
+        self.dim = dim
+        self.detail = detail
         if dim % 8:
             raise ValueError(f"decoder dim {dim} must be divisible by 8 (upscaling to dim/4, then dim/8)")
         self.num_mask_tokens = num_multimask_outputs + 1
@@ -121,13 +125,19 @@ class MaskDecoder3D(nn.Module):
         output_tokens = torch.cat([self.iou_token.weight, self.mask_tokens.weight])
         tokens = torch.cat([output_tokens.expand(batch, -1, -1), sparse_prompt_embeddings], dim=1)
         image = image_embeddings.to(tokens.dtype)
+        detail = None
+        if self.detail:
+            image, detail = image[:, : self.dim], unfold_detail(image[:, self.dim :])
         if image.shape[0] != batch:
             image = image.expand(batch, -1, -1, -1, -1)
+            detail = None if detail is None else detail.expand(batch, -1, -1, -1, -1)
         image = image + dense_prompt_embeddings
         b, c, *grid = image.shape
         hs, image = self.transformer(image, image_pe.expand(b, -1, -1, -1, -1), tokens)
         iou_token_out, mask_tokens_out = hs[:, 0], hs[:, 1 : 1 + self.num_mask_tokens]
         upscaled = self.output_upscaling(image.transpose(1, 2).reshape(b, c, *grid))
+        if detail is not None:
+            upscaled = upscaled + detail
         hyper_in = torch.stack(
             [mlp(mask_tokens_out[:, i]) for i, mlp in enumerate(self.output_hypernetworks_mlps)], dim=1
         )

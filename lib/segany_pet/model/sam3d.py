@@ -8,7 +8,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .image_encoder import ImageEncoder3D
+from .image_encoder import DetailEncoder3D, ImageEncoder3D
+from .layers import fold_detail
 from .mask_decoder import MaskDecoder3D
 from .prompt_encoder import PromptEncoder3D
 
@@ -35,6 +36,9 @@ class Preset:
     decoder_heads: int = 8
     decoder_mlp_dim: int = 2048
     iou_head_hidden: int = 256
+    # Channels of the detail encoder (0: none, as published): convolutions over the crop at the low-res
+    # logits' grid whose features join the decoder's upscaled ones (see DetailEncoder3D).
+    detail_width: int = 0
 
     def __post_init__(self):
         object.__setattr__(self, "global_attn_indexes", tuple(int(i) for i in self.global_attn_indexes))
@@ -47,6 +51,8 @@ class Preset:
             problems.append(f"encoder_dim {self.encoder_dim} is not divisible by {self.encoder_heads} heads")
         if self.prompt_dim % 24:  # sin/cos/sin thirds, upscaling to dim/8, attention heads
             problems.append(f"prompt_dim {self.prompt_dim} is not a multiple of 24")
+        if self.detail_width < 0:
+            problems.append(f"detail_width {self.detail_width} must not be negative")
         if problems:
             raise ValueError(f"invalid preset {self.name!r}: " + "; ".join(problems))
 
@@ -134,13 +140,28 @@ class Sam3D(nn.Module):
             preset.decoder_heads,
             preset.decoder_mlp_dim,
             preset.iou_head_hidden,
+            detail=preset.detail_width > 0,
         )
+        if preset.detail_width:
+            self.detail_encoder = DetailEncoder3D(preset.crop_size, preset.low_res_size, preset.detail_width,
+                                                  preset.prompt_dim // 8)
         # Keys a checkpoint did not provide and that were initialised instead (set by load_checkpoint).
         self.initialised_keys: tuple[str, ...] = ()
 
     def forward(self, image, points=None, boxes=None, masks=None, multimask_output: bool = False):
         """Crop (B, 1, S, S, S) + prompts -> (low-res logits (B, M, L, L, L), IoU estimates (B, M))."""
-        return self.decode(self.image_encoder(image), points, boxes, masks, multimask_output)
+        return self.decode(self.embed(image), points, boxes, masks, multimask_output)
+
+    def embed(self, image: torch.Tensor) -> torch.Tensor:
+        """Crop (B, 1, S, S, S) -> the image embedding (B, C, g, g, g) that `decode` takes; cache it.
+
+        With a detail encoder its features (B, D, L, L, L) ride along folded into channels (B, C + 64 D, g, g,
+        g), so that caches, batching and indexing keep handling one tensor; the mask decoder unfolds them.
+        """
+        embedding = self.image_encoder(image)
+        if not self.preset.detail_width:
+            return embedding
+        return torch.cat([embedding, fold_detail(self.detail_encoder(image).to(embedding.dtype))], dim=1)
 
     def decode(self, image_embeddings, points=None, boxes=None, masks=None, multimask_output: bool = False):
         """Prompts on a (cached) image embedding; see PromptEncoder3D.forward for the prompt formats."""

@@ -169,7 +169,7 @@ class InteractiveStep(nn.Module):
         return self.session(self.embed(images, crop_of), targets, prompts)
 
     def embed(self, images: torch.Tensor, crop_of: torch.Tensor | None = None) -> torch.Tensor:
-        embeddings = self.model.image_encoder(images)
+        embeddings = self.model.embed(images)
         if crop_of is not None:  # several prompt sets (targets) per crop: each crop is encoded once
             embeddings = embeddings[crop_of]
         return embeddings

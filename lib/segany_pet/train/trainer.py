@@ -279,7 +279,9 @@ class Trainer:
         config = self.config
         torch.manual_seed(config.seed)
         if config.init_checkpoint:
-            model = load_checkpoint(config.init_checkpoint)
+            # A detail encoder asked for but absent from the file starts at zero output (the file's answers).
+            detail_width = config.resolved_preset().detail_width if config.preset is not None else 0
+            model = load_checkpoint(config.init_checkpoint, detail_width=detail_width)
             if config.preset is not None and config.resolved_preset() != model.preset:
                 raise UserInputError(
                     f"init_checkpoint {config.init_checkpoint} is preset {model.preset.name!r}, but the "
