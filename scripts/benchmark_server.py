@@ -7,8 +7,9 @@ and clicks on a lesion as OHIF does (NRRD reply). With ``--sam PRESET`` the clic
 the masks a trained model draws (their size sets the paste, quantify and write costs, and a blob
 reaching the crop's faces adds windows). The table adds the predictor's own warm latency: the same click
 through `Predictor.set_volume(...).predict(...)` in this process (what the server's infer task calls, the
-uptake edge included; embeddings cached), so REST overhead = click / predictor. The predictor's stages as the
-server reports them (crop + encode + decode + paste + edge) are shown next to it.
+uptake edge included; embeddings cached), so REST overhead = click / predictor. Warm clicks go in rounds of one
+click per client plus one through the predictor, so that each ratio compares clicks made side by side. The
+predictor's stages as the server reports them (crop + encode + decode + paste + edge) are shown next to it.
 
 OHIF's warm click is timed five ways side by side: from Debian's headless Chromium (``fetch`` from a page
 of the server, as the OHIF panel sends it: the browser accepts zstd and decodes the reply natively), from
@@ -144,19 +145,12 @@ def browser_clicks(page, model: str, image: str, voxel: list[int], count: int) -
     return page.evaluate(BROWSER_CLICKS, [f"/infer/{model}?image={image}&output=image", ohif_params(voxel), count])
 
 
-def predictor_warm_seconds(checkpoint: Path, image: Path, voxel: list[int], repeats: int) -> float:
-    """Median wall time of a warm click through the predictor in this process, as the server's infer task makes
-    it for a request without a client session: a session from the (cached) volume, then the click."""
-    predictor = Predictor(load_checkpoint(checkpoint))
-    volume = load_nifti(image)
-    volume_id = str(image)
-    predictor.set_volume(volume, volume_id).predict(foreground=[voxel], edge=DEFAULT_EDGE)  # cold: encodes
-    seconds = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        predictor.set_volume(volume, volume_id).predict(foreground=[voxel], edge=DEFAULT_EDGE)
-        seconds.append(time.perf_counter() - started)
-    return statistics.median(seconds)
+def predictor_click_seconds(predictor: Predictor, volume, volume_id: str, voxel: list[int]) -> float:
+    """Wall time of one click through the predictor in this process, as the server's infer task makes it for a
+    request without a client session: a session from the (cached) volume, then the click."""
+    started = time.perf_counter()
+    predictor.set_volume(volume, volume_id).predict(foreground=[voxel], edge=DEFAULT_EDGE)
+    return time.perf_counter() - started
 
 
 def _median_seconds(function, repeats: int):
@@ -214,7 +208,7 @@ def main() -> None:
             conf = [("model", save_checkpoint(build_model(args.sam), Path(tmp) / f"{args.sam}.pt"))]
         elif args.model:
             conf = [("model", args.model.resolve())]
-        checkpoint = Path(conf[0][1]) if conf else None
+        predictor = Predictor(load_checkpoint(conf[0][1])) if conf else None
 
         start_times = []
         for _ in range(args.starts):
@@ -245,15 +239,25 @@ def main() -> None:
                     cold, _ = click(url, model, name, voxel)
                     # output=image is OHIF's request (the label file alone); output=all adds the reply params
                     # (PET numbers, latencies) in a multipart reply, as the Python client and Slicer read them.
-                    in_browser = browser_clicks(page, model, name, voxel, args.warm)
+                    if predictor is not None:  # cold in-process: reads nothing more, encodes its crop
+                        volume = load_nifti(studies / f"{name}.nii.gz")
+                        predictor_click_seconds(predictor, volume, name, voxel)
+                    # Rounds of one click per client (and one through the predictor), so that every column
+                    # is measured under the same conditions, side by side.
+                    in_browser, clients_runs, warm_runs, predictor_runs = [], [], [], []
+                    for _ in range(args.warm):
+                        in_browser += browser_clicks(page, model, name, voxel, 1)
+                        clients_runs.append(
+                            [click(url, model, name, voxel, "image", encoding)[0]
+                             for encoding in CLIENT_ENCODINGS.values()]
+                            + [http_client_click(url, model, name, voxel)]
+                        )
+                        warm_runs.append(click(url, model, name, voxel))
+                        if predictor is not None:
+                            predictor_runs.append(predictor_click_seconds(predictor, volume, name, voxel))
                     chromium = statistics.median(whole for whole, _ in in_browser)
                     chromium_headers = statistics.median(headers for _, headers in in_browser)
-                    warm_ohif = [chromium] + [
-                        statistics.median(click(url, model, name, voxel, "image", encoding)[0]
-                                          for _ in range(args.warm))
-                        for encoding in CLIENT_ENCODINGS.values()
-                    ] + [statistics.median(http_client_click(url, model, name, voxel) for _ in range(args.warm))]
-                    warm_runs = [click(url, model, name, voxel) for _ in range(args.warm)]
+                    warm_ohif = [chromium] + [statistics.median(column) for column in zip(*clients_runs, strict=True)]
                     warm = statistics.median(seconds for seconds, _ in warm_runs)
                     server_side = ", ".join(
                         f"{part} {statistics.median(latencies[part] for _, latencies in warm_runs):.3f}"
@@ -265,9 +269,9 @@ def main() -> None:
                            f"{warm:.3f} | {cold / chromium:.1f} | {server_side} |")
                     if sam:
                         stages = statistics.median(sum(lat[p] for p in predictor_parts) for _, lat in warm_runs)
-                        predictor = predictor_warm_seconds(checkpoint, studies / f"{name}.nii.gz", voxel, args.warm)
-                        row += (f" {predictor:.3f} / {stages:.3f} | "
-                                + " / ".join(f"{t / predictor:.1f}x" for t in warm_ohif) + " |")
+                        in_process = statistics.median(predictor_runs)
+                        row += (f" {in_process:.3f} / {stages:.3f} | "
+                                + " / ".join(f"{t / in_process:.1f}x" for t in warm_ohif) + " |")
                     print(row)
                 print(f"\n| scan | raw reply | encode / decode: zlib level {DEFLATE_LEVEL}, whole body | "
                       f"deflate_sparse | zstd level {ZSTD_LEVEL} |")

@@ -98,6 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--iterations", type=int, default=100, help="optimizer steps per epoch")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--lr", type=float, default=4e-4)
+    parser.add_argument("--fresh-lr-factor", type=float, default=1.0,
+                        help="fine-tuning: lr multiplier of the parameters the init checkpoint lacks")
     parser.add_argument("--touching-weight", type=float, default=1.0,
                         help="draw lesions beside hot uptake (an organ) this many times as often as others")
     parser.add_argument("--clicks-per-sample", type=int, default=3, help="decoder iterations per training crop")
@@ -135,6 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         output_dir=str(args.work / f"training_{preset.name}"), preset=preset.to_dict(),
         label_names=label_names(args.organs),
         epochs=args.epochs, iterations_per_epoch=args.iterations, batch_size=args.batch_size, lr=args.lr,
+        fresh_lr_factor=args.fresh_lr_factor,
         clicks_per_sample=args.clicks_per_sample, touching_weight=args.touching_weight, val_cases=val_cases,
         seed=args.seed, threads=args.threads,
         init_checkpoint=str(args.init_checkpoint) if args.init_checkpoint else None,

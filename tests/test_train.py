@@ -403,11 +403,18 @@ def test_fine_tuning_that_does_not_beat_its_start_model_writes_no_best_model(tmp
     assert stats["best_metric"] == start_dice and stats["best_metric_epoch"] == 0
     assert not (tmp_path / "kept" / MODEL_BEST).exists()
 
-    # A detail encoder added for fine-tuning starts silent: the start model validates as the file does.
+    # A detail encoder added for fine-tuning starts silent: the start model validates as the file does. With
+    # fresh_lr_factor only the new encoder learns at a rate that moves it.
     detail = dataclasses.replace(TINY, detail_width=4).to_dict()
-    trainer = Trainer(config(tmp_path / "detail", **frozen, preset=detail), records)
+    trainer = Trainer(config(tmp_path / "detail", **frozen, preset=detail, fresh_lr_factor=1e17), records)
     stats = trainer.run()
     assert trainer.model.preset.detail_width == 4 and stats["start_model"]["val"][KEY_METRIC] == start_dice
+    loaded = load_checkpoint(start).state_dict()
+    for key, value in trainer.model.state_dict().items():
+        if key.startswith("detail_encoder."):
+            assert key != "detail_encoder.convs.6.weight" or value.abs().max() > 1e-4, key  # started at zero
+        else:
+            assert torch.allclose(value, loaded[key], rtol=0, atol=1e-12), key
 
     stats = Trainer(config(tmp_path / "always", **frozen, validate_start_model=False), records).run()
     assert stats["start_model"]["val"] is None and stats["best_metric_epoch"] == 1

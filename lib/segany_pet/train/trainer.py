@@ -95,6 +95,9 @@ class TrainConfig:
     min_lr_ratio: float = 0.02
     warmup_iterations: int = 50
     weight_decay: float = 0.05
+    # Fine-tuning: parameters the init checkpoint lacks (a grafted detail encoder, a published file's box
+    # corners) learn at lr times this, so they catch up while the loaded ones move gently.
+    fresh_lr_factor: float = 1.0
     # Gradients are clipped to this global norm (0: no clipping).
     grad_clip: float = 1.0
     # Decoder iterations per crop: the opening prompt, then clicks_per_sample - 1 corrective clicks.
@@ -175,8 +178,8 @@ class TrainConfig:
                 problems.append(f"{name} must lie in [0, 1]")
         if self.box_share + self.box_and_click_share > 1:
             problems.append("box_share + box_and_click_share must not exceed 1")
-        if self.lr <= 0:
-            problems.append("lr must be positive")
+        if self.lr <= 0 or self.fresh_lr_factor <= 0:
+            problems.append("lr and fresh_lr_factor must be positive")
         if self.method not in TRAINING_METHODS:
             problems.append(f"method must be one of {', '.join(TRAINING_METHODS)}, not {self.method!r}")
         for name in ("cpcl_agreement_threshold", "cpcl_uncertainty_threshold", "cpcl_uncertain_weight",
@@ -317,13 +320,19 @@ class Trainer:
         return {}
 
     def _optimizer(self, module: torch.nn.Module) -> torch.optim.Optimizer:
-        decay, no_decay = [], []
+        config = self.config
+        fresh_keys = set(self.model.initialised_keys)
+        fresh = {id(p) for name, p in self.model.named_parameters() if name in fresh_keys}
+        groups = {}
         for name, parameter in module.named_parameters():
-            skip = parameter.ndim <= 1 or any(key in name for key in NO_DECAY)
-            (no_decay if skip else decay).append(parameter)
-        groups = [{"params": decay, "weight_decay": self.config.weight_decay},
-                  {"params": no_decay, "weight_decay": 0.0}]
-        return torch.optim.AdamW(groups, lr=self.config.lr, betas=(0.9, 0.999))
+            decays = parameter.ndim > 1 and not any(key in name for key in NO_DECAY)
+            groups.setdefault((decays, id(parameter) in fresh), []).append(parameter)
+        return torch.optim.AdamW(
+            [{"params": groups[decays, is_fresh], "weight_decay": config.weight_decay if decays else 0.0,
+              "lr": config.lr * (config.fresh_lr_factor if is_fresh else 1.0)}
+             for decays in (True, False) for is_fresh in (False, True) if (decays, is_fresh) in groups],
+            lr=config.lr, betas=(0.9, 0.999),
+        )
 
     def _scheduler(self, optimizer) -> torch.optim.lr_scheduler.LambdaLR:
         config = self.config
