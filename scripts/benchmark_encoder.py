@@ -77,11 +77,11 @@ def benchmark(name: str) -> None:
             encoder.attention_mode = mode
             model.to_inference_dtype(dtype)
             embedding, cold, warm = timed(lambda: encoder(image))  # noqa: B023 (called at once)
-            logits, iou = model.decode(embedding, click)
+            logits, iou = model.decode(model.embed(image), click)  # with the detail encoder's features, if any
             results[label] = (embedding, logits, iou, cold, warm)
             print(f"{label:12s} encoder: cold {cold:7.3f} s, warm median of 3 {warm:7.3f} s")
         model.to_inference_dtype("float32")
-        embedding = results["exact fp32"][0]
+        embedding = model.embed(image)
         _, _, decode = timed(lambda: model.decode(embedding, click))
     padded_warm, exact_warm, bf16_warm = (results[k][4] for k in ("padded fp32", "exact fp32", "exact bf16"))
     print(f"speed-up over padded (warm): exact fp32 {padded_warm / exact_warm:.1f}x, "

@@ -106,8 +106,8 @@ def test_small_preset_uses_the_same_naming_scheme():
     small = expected_shapes(PRESETS["segany_pet_small"])
     small_preset = PRESETS["segany_pet_small"]
     depth = small_preset.encoder_depth
-    assert set(small) == {k for k in published if not k.startswith(tuple(
-        f"image_encoder.blocks.{i}." for i in range(depth, 12)))}
+    assert {k for k in small if not k.startswith("detail_encoder.")} == {k for k in published if not k.startswith(
+        tuple(f"image_encoder.blocks.{i}." for i in range(depth, 12)))}
     assert small["image_encoder.pos_embed"] == (1, 8, 8, 8, small_preset.encoder_dim)
 
 
@@ -343,11 +343,14 @@ def test_bfloat16_inference_is_opt_in_and_close_to_float32():
     fast = _encode_and_decode(model, image, "exact")
     assert all(t.dtype == torch.float32 for t in fast)
     # Documented tolerance (Sam3D.to_inference_dtype; measured in scripts/benchmark_encoder.py): mean error
-    # within 2% and max error within 10% of the float32 outputs' scale.
-    for ref, got in zip(reference, fast, strict=True):
+    # within 2% and max error within 10% of the float32 outputs' scale. The IoU estimate is a single number
+    # near 0 for random weights (~0.015), where a relative bound is noise: it gets an absolute one (0.01).
+    embedding_and_logits, iou = zip(reference[:2], fast[:2], strict=True), (reference[2], fast[2])
+    for ref, got in embedding_and_logits:
         error = (got - ref).abs()
         assert error.mean() < 0.02 * ref.abs().mean()
         assert error.max() < 0.1 * ref.abs().max()
+    assert (iou[1] - iou[0]).abs().max() < 0.01
     assert not torch.equal(fast[0], reference[0])  # it did compute in bf16
     model.to_inference_dtype(torch.float32)
     assert torch.equal(_encode_and_decode(model, image, "exact")[0], reference[0])

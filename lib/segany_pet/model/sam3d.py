@@ -96,7 +96,9 @@ PRESETS: dict[str, Preset] = {
     # under a second with the most capacity among the cheap ones. Tried and dropped: a full-resolution
     # intensity path into the decoder (a 16-channel 3^3 convolution at 1.5 mm, strided to the logits' grid, added
     # to the upscaled features): validation Dice after one click 0.17 / 0.32 / 0.20 over the first three epochs
-    # of 150 steps against 0.24 / 0.28 / 0.29 without it, at 1.3x the step time.
+    # of 150 steps against 0.24 / 0.28 / 0.29 without it, at 1.3x the step time. A detail encoder (8 channels
+    # at the logits' 3 mm grid, zero-initialised) grafted onto the trained model instead did help: the shipped
+    # file was fine-tuned that way (model/README.md).
     "segany_pet_small": Preset(
         name="segany_pet_small",
         crop_size=64,
@@ -113,6 +115,7 @@ PRESETS: dict[str, Preset] = {
         decoder_heads=8,
         decoder_mlp_dim=1024,
         iou_head_hidden=256,
+        detail_width=8,
     ),
 }
 
