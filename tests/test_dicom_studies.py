@@ -68,8 +68,9 @@ def test_the_server_serves_dicom_series_as_suv_images(studies, tmp_path):
         client = MONAILabelClient(url)
         wait_for(lambda: {"patient01__PET_WB", "patient02__PET"} <= set(client.datastore()["objects"]),
                  timeout=120, what="the DICOM series to be converted")
-        info = client.info()
-        assert "patient03/PET" in info["dicom_import"]["refused"]
+        # The series go in order; the refusal of patient03 is reported once the import reaches it.
+        wait_for(lambda: "patient03/PET" in client.info()["dicom_import"]["refused"], timeout=60,
+                 what="the series without decay information to be refused")
         params = {"foreground": [[20, 18, 15]], "background": []}
         response = requests.post(f"{url}/infer/suv_threshold", params={"image": "patient01__PET_WB",
                                                                         "output": "json"},

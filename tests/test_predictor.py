@@ -521,6 +521,9 @@ class ThresholdModel(nn.Module):
         self.mask_decoder = _Threshold(float(np.log1p(inside_suv) + np.log1p(outside_suv)) / 2)
         self.inference_dtype = "float32"
 
+    def embed(self, image):
+        return self.image_encoder(image)
+
 
 def rod_volume():
     """A bright rod 40 mm thick along the last axis over 640 mm of an 880 mm long anisotropic LPS volume."""
