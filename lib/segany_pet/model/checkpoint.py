@@ -24,9 +24,8 @@ from pathlib import Path
 import torch
 
 from ..errors import CheckpointError
-from .image_encoder import DetailEncoder3D
 from .prompt_encoder import BOX_CORNER_KEYS
-from .sam3d import PRESETS, Preset, Sam3D
+from .sam3d import PRESETS, Preset, Sam3D, detail_encoder
 
 log = logging.getLogger(__name__)
 
@@ -200,7 +199,7 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu",
     if any(k.startswith(DETAIL_PREFIX) for k in initialised):
         with torch.random.fork_rng():
             torch.manual_seed(0)
-            fresh = DetailEncoder3D(preset.crop_size, preset.low_res_size, preset.detail_width, preset.prompt_dim // 8)
+            fresh = detail_encoder(preset)
         state.update({DETAIL_PREFIX + k: v.to(device) for k, v in fresh.state_dict().items()})
     with torch.device("meta"):
         model = Sam3D(preset)

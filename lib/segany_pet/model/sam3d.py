@@ -146,8 +146,7 @@ class Sam3D(nn.Module):
             detail=preset.detail_width > 0,
         )
         if preset.detail_width:
-            self.detail_encoder = DetailEncoder3D(preset.crop_size, preset.low_res_size, preset.detail_width,
-                                                  preset.prompt_dim // 8)
+            self.detail_encoder = detail_encoder(preset)
         # Keys a checkpoint did not provide and that were initialised instead (set by load_checkpoint).
         self.initialised_keys: tuple[str, ...] = ()
 
@@ -194,6 +193,11 @@ class Sam3D(nn.Module):
             raise ValueError(f"inference dtype must be one of {tuple(INFERENCE_DTYPES)}, not {dtype!r}")
         self.image_encoder.compute_dtype = INFERENCE_DTYPES[name]
         return self
+
+
+def detail_encoder(preset: Preset) -> DetailEncoder3D:
+    """A preset's detail encoder, freshly initialised (its output zero)."""
+    return DetailEncoder3D(preset.crop_size, preset.low_res_size, preset.detail_width, preset.prompt_dim // 8)
 
 
 def build_model(preset: Preset | str) -> Sam3D:
