@@ -557,16 +557,42 @@ def test_objects_longer_than_a_crop_are_followed_by_windows_up_to_the_cap():
         assert capped.mask.sum() < whole.mask.sum()
 
 
-def test_threshold_model_recovers_a_ball_in_an_anisotropic_lps_volume():
-    shape = (90, 90, 60)
-    ras = affine_of((2.036, 2.036, 3.0), (-90.0, -90.0, -90.0))
-    truth = ball(shape, ras, (10.0, -5.0, 0.0), 25.0)
+def ball_volume(shape, origin_mm, centre_mm, radius_mm) -> tuple[PETVolume, np.ndarray]:
+    """A hot ball (SUV 10 in 1) in an anisotropic LPS volume (2.036 x 2.036 x 3 mm), and the ball's voxels."""
+    ras = affine_of((2.036, 2.036, 3.0), origin_mm)
+    truth = ball(shape, ras, centre_mm, radius_mm)
     suv, affine = same_image(np.where(truth, 10.0, 1.0).astype(np.float32), ras, flip=(0, 1))
     truth, _ = same_image(truth, ras, flip=(0, 1))
+    return PETVolume(suv, affine), truth
+
+
+def test_threshold_model_recovers_a_ball_in_an_anisotropic_lps_volume():
+    volume, truth = ball_volume((90, 90, 60), (-90.0, -90.0, -90.0), (10.0, -5.0, 0.0), 25.0)
     centre = np.round(np.argwhere(truth).mean(axis=0)).astype(int)
-    prediction = Predictor(ThresholdModel()).set_volume(PETVolume(suv, affine)).predict(foreground=[centre])
+    prediction = Predictor(ThresholdModel()).set_volume(volume).predict(foreground=[centre])
     assert prediction.windows == 1
     assert dice(prediction.mask, truth) > 0.95
+
+
+def test_foreground_clicks_the_mask_leaves_out_are_named_in_a_note():
+    volume, truth = ball_volume((150, 80, 60), (-150.0, -80.0, -90.0), (80.0, 0.0, 0.0), 15.0)
+    session = Predictor(ThresholdModel()).set_volume(volume)
+    centre = [int(v) for v in np.round(np.argwhere(truth).mean(axis=0))]
+    assert not session.predict(foreground=[centre]).notes
+
+    beside = [centre[0], centre[1], centre[2] + 8]  # 24 mm from the centre of a 15 mm ball: cold, same crop
+    assert not truth[tuple(beside)]
+    partial = session.predict(foreground=[centre, beside])
+    assert partial.mask.any()
+    assert partial.notes == (f"the mask leaves out the foreground click(s) {[beside]}: the model does not see them "
+                             "as part of the object; a click beside them or a box around the object asks again",)
+
+    far = [int(v) for v in np.round(np.argwhere(truth).mean(axis=0))]
+    far[0] = 149 - far[0]  # 160 mm away: its crop (96 mm) holds none of the ball
+    nothing = session.predict(foreground=[far])
+    assert not nothing.mask.any()
+    assert len(nothing.notes) == 1
+    assert nothing.notes[0].startswith(f"no lesion found at the foreground click(s) {[far]}")
 
 
 def test_real_model_windows_never_exceed_the_cap_and_small_volumes_need_one(small_model):

@@ -598,6 +598,19 @@ class Predictor:
         return logits.float().cpu(), float(iou[0, 0])
 
 
+def _left_out_clicks(mask: np.ndarray, region, foreground) -> list[str]:
+    """A note for the annotator when foreground clicks fall outside the mask: the model says "no lesion here"."""
+    missed = [list(click) for click in foreground if not mask[tuple(click)]]
+    if not missed:
+        return []
+    if region is None or not mask[region].any():
+        return [f"no lesion found at the foreground click(s) {missed}: the model reads the uptake there as "
+                "physiological or background. Click the lesion's hottest voxel, draw a box around it, or use "
+                "suv_threshold"]
+    return [f"the mask leaves out the foreground click(s) {missed}: the model does not see them as part of the "
+            "object; a click beside them or a box around the object asks again"]
+
+
 class VolumeSession:
     """One volume being annotated with a `Predictor`: holds the volume and its id, nothing else.
 
@@ -633,6 +646,7 @@ class VolumeSession:
                                              background, edge)
             edge = edge if snapped else None
             latencies["edge"] = time.perf_counter() - snapping
+        notes += _left_out_clicks(mask, region, foreground)
         latencies["total"] = time.perf_counter() - started
         first = results[0]
         return Prediction(
