@@ -580,15 +580,14 @@ def test_foreground_clicks_the_mask_leaves_out_are_named_in_a_note():
     centre = [int(v) for v in np.round(np.argwhere(truth).mean(axis=0))]
     assert not session.predict(foreground=[centre]).notes
 
-    beside = [centre[0], centre[1], centre[2] + 8]  # 24 mm from the centre of a 15 mm ball: cold, same crop
+    beside = [centre[0], centre[1], centre[2] + 8]  # 24 mm from the centre of a ball of radius 15 mm: cold, same crop
     assert not truth[tuple(beside)]
     partial = session.predict(foreground=[centre, beside])
     assert partial.mask.any()
     assert partial.notes == (f"the mask leaves out the foreground click(s) {[beside]}: the model does not see them "
                              "as part of the object; a click beside them or a box around the object asks again",)
 
-    far = [int(v) for v in np.round(np.argwhere(truth).mean(axis=0))]
-    far[0] = 149 - far[0]  # 160 mm away: its crop (96 mm) holds none of the ball
+    far = [149 - centre[0], *centre[1:]]  # ~157 mm away: its crop (96 mm) holds none of the ball
     nothing = session.predict(foreground=[far])
     assert not nothing.mask.any()
     assert len(nothing.notes) == 1
