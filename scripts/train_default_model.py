@@ -103,6 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--touching-weight", type=float, default=1.0,
                         help="draw lesions beside hot uptake (an organ) this many times as often as others")
     parser.add_argument("--clicks-per-sample", type=int, default=3, help="decoder iterations per training crop")
+    parser.add_argument("--first-click-weight", type=float, default=1.0,
+                        help="loss weight of the opening prompt relative to the corrective clicks")
     parser.add_argument("--eval-clicks", type=int, default=5)
     parser.add_argument("--no-autopet", action="store_true", help="skip the autoPET IV protocol")
     parser.add_argument("--threads", type=int, default=2)
@@ -138,7 +140,8 @@ def main(argv: list[str] | None = None) -> int:
         label_names=label_names(args.organs),
         epochs=args.epochs, iterations_per_epoch=args.iterations, batch_size=args.batch_size, lr=args.lr,
         fresh_lr_factor=args.fresh_lr_factor,
-        clicks_per_sample=args.clicks_per_sample, touching_weight=args.touching_weight, val_cases=val_cases,
+        clicks_per_sample=args.clicks_per_sample, first_click_weight=args.first_click_weight,
+        touching_weight=args.touching_weight, val_cases=val_cases,
         seed=args.seed, threads=args.threads,
         init_checkpoint=str(args.init_checkpoint) if args.init_checkpoint else None,
         warmup_iterations=min(50, args.epochs * args.iterations // 10),

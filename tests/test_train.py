@@ -301,6 +301,27 @@ def test_a_few_steps_overfit_a_fixed_batch(cases):
     assert info["iteration_dice"][0] > 0.4, info  # from ~0.01: it finds the clicked lesions
 
 
+def test_the_first_click_weight_scales_the_opening_loss_alone(cases):
+    torch.manual_seed(0)
+    rng = np.random.default_rng(2)
+    samples = CropSampler(cases, TINY, rng, hot_spot_share=0.0).batch(2)
+    images = torch.stack([s.image for s in samples])
+    targets = torch.stack([s.target for s in samples])
+    opening = [first_prompt(s.target.numpy(), rng, 0.0, 0.0) for s in samples]
+    model = build_model(TINY).eval()
+    totals, per_iteration = [], []
+    for weight in (1.0, 3.0):
+        prompts = [Prompt(list(p.points), list(p.labels), p.box) for p in opening]
+        with torch.no_grad():
+            total, info = InteractiveStep(model, iterations=2, first_weight=weight)(images, targets, prompts)
+        totals.append(float(total))
+        per_iteration.append(info["iteration_loss"])
+    assert per_iteration[0] == pytest.approx(per_iteration[1])  # same clicks, same losses: only the sum changes
+    first, second = per_iteration[0]
+    assert totals[0] == pytest.approx(first + second, rel=1e-5)
+    assert totals[1] == pytest.approx(3 * first + second, rel=1e-5)
+
+
 def test_training_writes_stats_best_model_and_reports_progress(tmp_path, records):
     reports = []
     cfg = config(tmp_path, epochs=1, iterations_per_epoch=2, val_cases=1, val_clicks=5, val_max_lesions=2,
@@ -355,6 +376,8 @@ def test_config_checks(tmp_path):
         TrainConfig(batch_size=0)
     with pytest.raises(ValueError, match="touching_weight must be positive"):
         TrainConfig(touching_weight=0)
+    with pytest.raises(ValueError, match="first_click_weight must be positive"):
+        TrainConfig(first_click_weight=0)
     with pytest.raises(ValueError, match="unknown training options: colour"):
         TrainConfig.from_dict({"colour": "blue"})
     assert TrainConfig.from_dict(config(tmp_path).to_dict()) == config(tmp_path)

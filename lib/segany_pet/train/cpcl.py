@@ -114,7 +114,8 @@ class CPCLStep(nn.Module):
 
     def __init__(self, point_model: Sam3D, box_model: Sam3D, config):
         super().__init__()
-        common = (config.clicks_per_sample, config.loss_resolution, config.iou_loss_weight, config.bce_weight)
+        common = (config.clicks_per_sample, config.loss_resolution, config.iou_loss_weight, config.bce_weight,
+                  config.first_click_weight)
         self.point = InteractiveStep(point_model, *common)
         self.box = InteractiveStep(box_model, *common)
         self.config = config

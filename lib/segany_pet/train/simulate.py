@@ -6,7 +6,7 @@ a jittered box, or both), then each time with one more click at the deepest voxe
 current mask (`corrective_click`: missed -> positive, leaked -> negative) plus ALL earlier prompts and the
 previous low-res logits (detached) as the mask prompt, exactly what the `Predictor` feeds the model when an
 annotator refines. Every iteration adds Dice + class-balanced BCE of its mask and the MSE of the IoU head to
-the loss.
+the loss, the opening prompt's times ``first_weight`` (an annotator's first click is the one that matters most).
 
 All coordinates here are crop indices (tensor axis order), the prompt encoder's frame.
 """
@@ -152,7 +152,7 @@ class InteractiveStep(nn.Module):
     """
 
     def __init__(self, model: Sam3D, iterations: int = 3, loss_resolution: str = "crop", iou_weight: float = 1.0,
-                 bce_weight: float = 0.1):
+                 bce_weight: float = 0.1, first_weight: float = 1.0):
         super().__init__()
         if loss_resolution not in LOSS_RESOLUTIONS:
             raise ValueError(f"loss_resolution must be one of {LOSS_RESOLUTIONS}, not {loss_resolution!r}")
@@ -163,6 +163,7 @@ class InteractiveStep(nn.Module):
         self.loss_resolution = loss_resolution
         self.iou_weight = iou_weight
         self.bce_weight = bce_weight
+        self.first_weight = first_weight
 
     def forward(self, images: torch.Tensor, targets: torch.Tensor, prompts: list[Prompt],
                 crop_of: torch.Tensor | None = None):
@@ -202,7 +203,7 @@ class InteractiveStep(nn.Module):
                     low_res_weights = None if crop_weights is None else F.avg_pool3d(crop_weights, factor)
                 loss, hard_dice = segmentation_loss(logits, low_res_targets, iou, self.iou_weight, self.bce_weight,
                                                     low_res_weights)
-            total = total + loss
+            total = total + (self.first_weight * loss if iteration == 0 else loss)
             losses.append(float(loss.detach()))
             dices.append(float(hard_dice.mean()))
             if iteration + 1 < self.iterations:

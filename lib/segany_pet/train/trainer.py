@@ -102,6 +102,8 @@ class TrainConfig:
     grad_clip: float = 1.0
     # Decoder iterations per crop: the opening prompt, then clicks_per_sample - 1 corrective clicks.
     clicks_per_sample: int = 3
+    # Loss weight of the opening prompt's iteration relative to the corrective ones (one click is what counts).
+    first_click_weight: float = 1.0
     # Share of crops opened with a box only, and with a box plus a click (the rest: a click).
     box_share: float = 0.15
     box_and_click_share: float = 0.1
@@ -188,6 +190,8 @@ class TrainConfig:
                 problems.append(f"{name} must lie in [0, 1]")
         if self.touching_weight <= 0:
             problems.append("touching_weight must be positive")
+        if self.first_click_weight <= 0:
+            problems.append("first_click_weight must be positive")
         if self.cpcl_warmup_epochs < 0 or self.cpcl_cross_weight < 0:
             problems.append("cpcl_warmup_epochs and cpcl_cross_weight must not be negative")
         if self.loss_resolution not in LOSS_RESOLUTIONS:
@@ -301,7 +305,7 @@ class Trainer:
         """The module a training step runs (wrapped by DistributedDataParallel under torchrun)."""
         config = self.config
         return InteractiveStep(self.model, config.clicks_per_sample, config.loss_resolution,
-                               config.iou_loss_weight, config.bce_weight)
+                               config.iou_loss_weight, config.bce_weight, config.first_click_weight)
 
     # Hooks for trainers that train more than one model (cpcl.py); the plain trainer has nothing to add.
     def _extra_checkpoint_state(self) -> dict:
