@@ -278,15 +278,20 @@ def test_learning_rate_warms_up_then_decays():
 # Learning
 
 
+def fixed_batch(cases, preset, seed: int, size: int, box_share: float):
+    """Crops, their targets and opening prompts (a box alone or with a click, each at ``box_share``)."""
+    rng = np.random.default_rng(seed)
+    samples = CropSampler(cases, preset, rng, hot_spot_share=0.0).batch(size)
+    images = torch.stack([s.image for s in samples])
+    targets = torch.stack([s.target for s in samples])
+    return images, targets, [first_prompt(s.target.numpy(), rng, box_share, box_share) for s in samples]
+
+
 def test_a_few_steps_overfit_a_fixed_batch(cases):
     # At 3 mm (TINY's 6 mm leaves small lesions a voxel or two of logits): finer crops learn much faster.
     preset = dataclasses.replace(TINY, name="tiny_3mm", spacing_mm=3.0)
     torch.manual_seed(0)
-    rng = np.random.default_rng(1)
-    samples = CropSampler(cases, preset, rng, hot_spot_share=0.0).batch(4)
-    images = torch.stack([s.image for s in samples])
-    targets = torch.stack([s.target for s in samples])
-    opening = [first_prompt(s.target.numpy(), rng, 0.25, 0.25) for s in samples]
+    images, targets, opening = fixed_batch(cases, preset, seed=1, size=4, box_share=0.25)
     step = InteractiveStep(build_model(preset).train(), iterations=2)
     optimizer = torch.optim.AdamW(step.parameters(), lr=3e-3)
     losses = []
@@ -303,11 +308,7 @@ def test_a_few_steps_overfit_a_fixed_batch(cases):
 
 def test_the_first_click_weight_scales_the_opening_loss_alone(cases):
     torch.manual_seed(0)
-    rng = np.random.default_rng(2)
-    samples = CropSampler(cases, TINY, rng, hot_spot_share=0.0).batch(2)
-    images = torch.stack([s.image for s in samples])
-    targets = torch.stack([s.target for s in samples])
-    opening = [first_prompt(s.target.numpy(), rng, 0.0, 0.0) for s in samples]
+    images, targets, opening = fixed_batch(cases, TINY, seed=2, size=2, box_share=0.0)
     model = build_model(TINY).eval()
     totals, per_iteration = [], []
     for weight in (1.0, 3.0):
