@@ -95,6 +95,25 @@ def test_relative_threshold_is_refined_to_the_lesion_maximum_beyond_the_search_r
     assert region.voxels == 30 * 5 * 5
 
 
+def test_a_hotter_neighbour_is_cut_off_at_the_saddle_when_asked():
+    # A lesion against a hotter organ, the saddle between them above 41% of the organ's SUVmax: the classical
+    # region refines its threshold to the organ's SUVmax and shrinks to the lesion's core; cut at the
+    # watershed line, the lesion keeps its own SUVmax and all of its uptake.
+    lesion_centre, organ_centre = (30, 30, 12), (30, 30, 27)
+    suv = blurred_spheres([(lesion_centre, 5, 10.0), (organ_centre, 8, 18.0)])
+    lesion = (np.indices(SHAPE) - np.reshape(lesion_centre, (3, 1, 1, 1))) ** 2
+    lesion = lesion.sum(axis=0) <= 5**2
+    regions = {}
+    for prominence in (None, 0.3):
+        (region,) = regions_from_clicks(suv, SPACING, [list(lesion_centre)], peak_prominence=prominence)
+        regions[prominence] = np.zeros(SHAPE, bool)
+        regions[prominence][region.box] = region.mask
+        if prominence:
+            assert region.suvmax == pytest.approx(float(suv[lesion].max()))
+    assert regions[None][lesion].mean() < 0.3
+    assert regions[0.3][lesion].mean() > 0.95 and not regions[0.3][organ_centre]
+
+
 def test_growth_is_cut_at_the_size_guard_and_says_so():
     suv = np.full((120, 120, 40), 3.0, dtype=np.float32)  # a 240 mm organ above SUV 2.5
     (region,) = regions_from_clicks(suv, SPACING, [[60, 60, 20]], method="fixed_2.5", max_extent_mm=100.0)

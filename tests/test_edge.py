@@ -52,6 +52,17 @@ def test_a_lesion_touching_a_hotter_organ_keeps_the_model_mask():
     np.testing.assert_array_equal(mask != 0, drawn)
 
 
+def test_a_lesion_against_a_hotter_organ_takes_its_side_of_the_saddle():
+    lesion = ball((40, 40, 40), (20, 20, 12), 4)
+    organ = ball((40, 40, 40), (20, 20, 23), 6)
+    suv = blurred((organ, 12.0), (lesion, 10.0))  # the saddle between them lies above 41% of either
+    mask, region = model_mask(ball((40, 40, 40), (20, 20, 12), 5))
+    region, snapped = snap_to_uptake(suv, SPACING, mask, region, [(20, 20, 12)])
+    assert snapped
+    snapped_mask = mask != 0
+    assert snapped_mask[lesion].all() and not (snapped_mask & organ).any()
+
+
 def test_a_necrotic_core_is_part_of_the_lesion():
     lesion = ball((40, 40, 40), (20, 20, 20), 7)
     core = ball((40, 40, 40), (20, 20, 20), 3)

@@ -15,6 +15,10 @@ Choices, each a compromise a human annotator makes too:
 - Background clicks: while a region holds one, its threshold rises in steps of 1 % of the local SUVmax
   (the lowest such step that excludes it, found by bisection since a higher threshold only shrinks the
   region); if only the local SUVmax itself would exclude it, the region is left empty.
+- Neighbours (optional, ``peak_prominence``; the app's uptake edge uses it): a region holding another
+  prominent peak (a hot organ, a second lesion: its top at least that share of the SUVmax above the saddle
+  between them) is cut at the SUV's watershed lines, keeping the clicked peak's side, before the SUVmax is
+  refined, so the neighbour sets neither the region nor its threshold.
 - Size guard: growth is confined to a box of ``max_extent_mm`` (150 mm) centred on the click, so a
   fixed 2.5 threshold touching the liver cannot flood the body; a region cut by that box says so in its
   note. Working in that box also keeps each click fast on a whole-body grid.
@@ -27,6 +31,8 @@ from dataclasses import dataclass
 
 import numpy as np
 from scipy import ndimage
+from skimage.morphology import local_maxima, reconstruction
+from skimage.segmentation import watershed
 
 from segany_pet.errors import PromptError, UserInputError
 from segany_pet.pet.quantify import LESION_CONNECTIVITY, sphere_kernel
@@ -105,8 +111,12 @@ def regions_from_clicks(
     *,
     search_radius_mm: float = SEARCH_RADIUS_MM,
     max_extent_mm: float = MAX_EXTENT_MM,
+    peak_prominence: float | None = None,
 ) -> list[ClickRegion]:
-    """One :class:`ClickRegion` per lesion click, with the threshold used and a note when it failed."""
+    """One :class:`ClickRegion` per lesion click, with the threshold used and a note when it failed.
+
+    ``peak_prominence`` (a share of the SUVmax): cut each region from neighbouring peaks at least that prominent
+    (the module's notes); None grows the classical region."""
     suv = np.asarray(suv)
     if suv.ndim != 3:
         raise UserInputError(f"SUV image must be 3D, got shape {suv.shape}")
@@ -125,12 +135,12 @@ def regions_from_clicks(
             f"click {list(min(both))} is both a lesion and a background click; remove one of them"
         )
     return [
-        _grow(suv, spacing, click, background_clicks, _RULES[method], search_radius_mm, max_extent_mm)
+        _grow(suv, spacing, click, background_clicks, _RULES[method], search_radius_mm, max_extent_mm, peak_prominence)
         for click in lesion_clicks
     ]
 
 
-def _grow(suv, spacing, click, background, rule, search_radius_mm, max_extent_mm) -> ClickRegion:
+def _grow(suv, spacing, click, background, rule, search_radius_mm, max_extent_mm, peak_prominence) -> ClickRegion:
     box = _box_around(click, suv.shape, spacing, max_extent_mm)
     origin = np.array([s.start for s in box])
     crop = suv[box]
@@ -183,6 +193,9 @@ def _grow(suv, spacing, click, background, rule, search_radius_mm, max_extent_mm
             )
         threshold, region = float(candidates[hi]), best
 
+    if peak_prominence is not None:
+        region = _peak_basin(crop, region, seed_at(threshold), peak_prominence * peak)
+
     if kind == "relative":
         for _ in range(_MAX_REFINEMENTS):
             hottest = float(crop[region].max())
@@ -193,7 +206,7 @@ def _grow(suv, spacing, click, background, rule, search_radius_mm, max_extent_mm
             if crop[seed] < refined:
                 break  # the click would drop out: the region leaks into something hotter; keep it
             peak, threshold = hottest, refined
-            region = _component(crop, seed, threshold, within=region)
+            region = _component(crop, seed, threshold, within=region) & region
 
     note = ""
     if _cut_by_box(region, box, suv.shape):
@@ -240,6 +253,29 @@ def _component(crop, seed, threshold, within=None) -> np.ndarray:
     local_seed = tuple(c - s.start for c, s in zip(seed, sub, strict=True))
     region[sub] = labels == labels[local_seed]
     return region
+
+
+def _peak_basin(crop, region, seed, prominence: float) -> np.ndarray:
+    """The part of ``region`` that drains to ``seed``'s peak: ``region`` cut along the watershed lines of the SUV
+    between the peaks rising at least ``prominence`` (SUV) above their saddles."""
+    (sub,) = ndimage.find_objects(region.astype(np.uint8))
+    inside = region[sub]
+    values = np.asarray(crop[sub], dtype=np.float32)
+    # Regional maxima after lowering every peak by the prominence (the h-maxima transform): one plateau per
+    # prominent peak, however flat or ring-shaped its top.
+    domes = reconstruction(values - prominence, values)
+    peaks, count = ndimage.label(
+        local_maxima(domes, connectivity=3, allow_borders=True) & inside, structure=LESION_CONNECTIVITY
+    )
+    if count < 2:
+        return region
+    basins = watershed(-values, peaks, mask=inside, connectivity=1)
+    local_seed = tuple(c - s.start for c, s in zip(seed, sub, strict=True))
+    if basins[local_seed] == 0:
+        return region
+    basin = np.zeros_like(region)
+    basin[sub] = basins == basins[local_seed]
+    return basin
 
 
 def _holds_any(region, voxels) -> bool:
