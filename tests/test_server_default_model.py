@@ -75,9 +75,12 @@ def test_one_click_on_each_demo_lesion_returns_its_3d_mask(default_server, cohor
 
 
 def test_a_second_click_improves_a_lesion_touching_the_bladder(default_server, cohort):
-    hard = [(case, lesion, truth) for case, lesion, truth in lesions_of(cohort) if lesion["touches"] == "bladder"]
-    assert hard, "the test cohort has no lesion touching the bladder: change its seed"
-    case, lesion, truth = max(hard, key=lambda item: item[1]["volume_ml"])
+    beside = [(case, lesion, truth) for case, lesion, truth in lesions_of(cohort) if lesion["touches"] == "bladder"]
+    assert beside, "the test cohort has no lesion touching the bladder: change its seed"
+    # The hard case: the one a first click gets least right.
+    first_dice = [dice(click(default_server, case, "survey", [lesion["centre_voxel"]], reset=True)[0] > 0, truth)
+                  for case, lesion, truth in beside]
+    case, lesion, truth = beside[int(np.argmin(first_dice))]
     first, _ = click(default_server, case, "second-click", [lesion["centre_voxel"]], reset=True)
     voxel, positive = corrective_click(first, truth, taken=[tuple(lesion["centre_voxel"])])
     second, reply = click(default_server, case, "second-click", *(([voxel], []) if positive else ([], [voxel])))

@@ -83,8 +83,10 @@ def segment_from_clicks(
     *,
     search_radius_mm: float = SEARCH_RADIUS_MM,
     max_extent_mm: float = MAX_EXTENT_MM,
+    peak_prominence: float | None = None,
 ) -> np.ndarray:
-    """Union of the regions grown from each lesion click: a uint8 mask (0/1) on the SUV grid."""
+    """Union of the regions grown from each lesion click (`regions_from_clicks`): a uint8 mask (0/1) on the SUV
+    grid."""
     regions = regions_from_clicks(
         suv,
         spacing,
@@ -93,6 +95,7 @@ def segment_from_clicks(
         method,
         search_radius_mm=search_radius_mm,
         max_extent_mm=max_extent_mm,
+        peak_prominence=peak_prominence,
     )
     mask = np.zeros(np.shape(suv), dtype=np.uint8)
     for region in regions:
