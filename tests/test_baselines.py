@@ -96,9 +96,9 @@ def test_relative_threshold_is_refined_to_the_lesion_maximum_beyond_the_search_r
 
 
 def test_a_hotter_neighbour_is_cut_off_at_the_saddle_when_asked():
-    # A lesion against a hotter organ, the saddle between them above 41% of the organ's SUVmax: the classical
-    # region refines its threshold to the organ's SUVmax and shrinks to the lesion's core; cut at the
-    # watershed line, the lesion keeps its own SUVmax and all of its uptake.
+    # A lesion against a hotter organ, the saddle between them above 41% of the lesion's SUVmax: the classical
+    # region joins the organ, refines its threshold to the organ's SUVmax and shrinks to the lesion's core; cut
+    # at the watershed line, the lesion keeps its own SUVmax and all of its uptake.
     lesion_centre, organ_centre = (30, 30, 12), (30, 30, 27)
     suv = blurred_spheres([(lesion_centre, 5, 10.0), (organ_centre, 8, 18.0)])
     lesion = (np.indices(SHAPE) - np.reshape(lesion_centre, (3, 1, 1, 1))) ** 2
