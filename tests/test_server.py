@@ -51,6 +51,7 @@ def test_info_lists_the_threshold_model(server):
     assert model["labels"] == {"lesion": 1}
     assert model["config"]["method"][0] == "relative_41"
     assert set(model["config"]["method"]) == {"relative_41", "relative_50", "fixed_2.5", "fixed_4.0"}
+    assert model["config"]["saddle_cut"] is False
 
 
 def test_datastore_lists_every_image(server, cohort):
@@ -105,6 +106,26 @@ def test_large_replies_go_compressed_to_clients_that_accept_it(server, isolated_
     read_nrrd(plain)
 
 
+def test_the_saddle_cut_separates_a_lesion_from_the_bladder(server, cohort, tmp_path):
+    lesions = [
+        (case_truth(cohort, path.stem), lesion)
+        for path in sorted((cohort / "truth").glob("*.json"))
+        for lesion in json.loads(path.read_text())["lesions"]
+        if lesion["touches"] == "bladder"
+    ]
+    (case_info, instances), lesion = max(lesions, key=lambda item: item[1]["volume_ml"])
+    client = MONAILabelClient(server, tmpdir=str(tmp_path))
+    scores = {}
+    for saddle_cut in (False, "true"):  # as JSON sends it, and as a string
+        params = {"foreground": [lesion["centre_voxel"]], "saddle_cut": saddle_cut}
+        label_path, reply = client.infer(MODEL, case_info["case_id"], params)
+        assert reply["saddle_cut"] is (saddle_cut == "true")
+        scores[reply["saddle_cut"]] = lesion_dice(np.asanyarray(nib.load(label_path).dataobj), instances, lesion["id"])
+    print(f"41% from a click on a {lesion['volume_ml']:.1f} mL lesion touching the bladder: Dice {scores[False]:.3f},"
+          f" with the saddle cut {scores[True]:.3f}")
+    assert scores[True] > 0.7 and scores[True] > scores[False] + 0.2
+
+
 def test_slicer_click_with_roi_and_pet_numbers(server, cohort, isolated_lesion, tmp_path):
     case, lesion, instances = isolated_lesion
     centre = lesion["centre_voxel"]
@@ -154,6 +175,7 @@ def test_save_final_label_marks_the_image_labeled(server, cohort, isolated_lesio
         ({"foreground": [[1.5, "a", None]]}, 422, "whole voxel index"),
         ({"foreground": [[20, 20, 20]], "roi": [30, 10, 0, 5, 0, 5]}, 422, "roi"),
         ({"foreground": [[20, 20, 20]], "method": "otsu"}, 422, "method"),
+        ({"foreground": [[20, 20, 20]], "saddle_cut": "maybe"}, 422, "saddle_cut must be true or false"),
         ({"foreground": [[20, 20, 20]], "result_extension": ".png"}, 422, "result_extension"),
     ],
 )

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 
-from segany_pet.edge import EDGE_METHODS
+from segany_pet.edge import EDGE_METHODS, PEAK_PROMINENCE
 from segany_pet.errors import PromptError, SessionNotFoundError
 from segany_pet.evaluate.baselines import METHODS, segment_from_clicks
 from segany_pet.label.models import ServedModel
@@ -63,6 +63,16 @@ def result_format(request: dict) -> tuple[str, bool]:
     if extension not in RESULT_EXTENSIONS:
         raise PromptError(f"result_extension {extension!r} is not supported; use one of {RESULT_EXTENSIONS}")
     return extension, request.get("result_compress", True) not in (False, "false", "False", 0)
+
+
+def flag(request: dict, name: str, default: bool) -> bool:
+    """A yes/no param as JSON sends it (true / false) or as a form field or Slicer's config sends it (a string)."""
+    value = request.get(name, default)
+    if value in (True, False):
+        return bool(value)
+    if isinstance(value, str) and value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    raise PromptError(f"{name} must be true or false, got {value!r}")
 
 
 def result_path(request: dict) -> tuple[str, bool]:
@@ -119,7 +129,10 @@ class SUVThresholdInfer(InferTask):
     """Seeded SUV threshold segmentation from clicks: the classical baseline annotators know.
 
     A click grows the region above 41% (or 50%) of the local SUVmax, or above a fixed SUV,
-    connected to the click; background clicks cut neighbouring hot spots away.
+    connected to the click; background clicks cut neighbouring hot spots away. ``saddle_cut: true`` also
+    cuts the region from hotter neighbours (the bladder, a kidney, another lesion) at the SUV's saddle
+    between them, as the uptake edge of ``segany_pet`` does; off by default, so the answer is the
+    guideline's method as published.
     """
 
     def __init__(self, default_method: str = "relative_41", volumes: VolumeCache | None = None):
@@ -130,7 +143,7 @@ class SUVThresholdInfer(InferTask):
             labels=LESION_LABELS,
             dimension=3,
             description="Seeded SUV threshold from clicks (41%/50% of local SUVmax, or SUV 2.5/4.0)",
-            config={"method": [default_method, *[m for m in METHODS if m != default_method]]},
+            config={"method": [default_method, *[m for m in METHODS if m != default_method]], "saddle_cut": False},
         )
         self.default_method = default_method
         self.volumes = volumes or VolumeCache()
@@ -145,6 +158,7 @@ class SUVThresholdInfer(InferTask):
             method = method[0]
         if method not in METHODS:
             raise PromptError(f"method {method!r} is unknown; choose one of {list(METHODS)}")
+        saddle_cut = flag(request, "saddle_cut", default=False)
 
         volume = self.volumes.load(request["image"])
         latencies = {"load": time.perf_counter() - started}
@@ -154,6 +168,7 @@ class SUVThresholdInfer(InferTask):
             foreground=request.get("foreground") or [],
             background=request.get("background") or [],
             method=method,
+            peak_prominence=PEAK_PROMINENCE if saddle_cut else None,
         )
         if request.get("roi"):
             inside = np.zeros_like(mask)
@@ -162,7 +177,7 @@ class SUVThresholdInfer(InferTask):
             mask = inside
         latencies["segment"] = time.perf_counter() - started - latencies["load"]
 
-        path, params = write_reply(volume, mask, request, {"method": method}, latencies)
+        path, params = write_reply(volume, mask, request, {"method": method, "saddle_cut": saddle_cut}, latencies)
         logger.info("suv_threshold %s: %s", method, summary(params))
         return path, params
 
