@@ -176,6 +176,7 @@ def test_save_final_label_marks_the_image_labeled(server, cohort, isolated_lesio
         ({"foreground": [[20, 20, 20]], "roi": [30, 10, 0, 5, 0, 5]}, 422, "roi"),
         ({"foreground": [[20, 20, 20]], "method": "otsu"}, 422, "method"),
         ({"foreground": [[20, 20, 20]], "saddle_cut": "maybe"}, 422, "saddle_cut must be true or false"),
+        ({"foreground": [[20, 20, 20]], "saddle_cut": 1}, 422, "saddle_cut must be true or false"),
         ({"foreground": [[20, 20, 20]], "result_extension": ".png"}, 422, "result_extension"),
     ],
 )

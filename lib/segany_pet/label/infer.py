@@ -68,8 +68,8 @@ def result_format(request: dict) -> tuple[str, bool]:
 def flag(request: dict, name: str, default: bool) -> bool:
     """A yes/no param as JSON sends it (true / false) or as a form field or Slicer's config sends it (a string)."""
     value = request.get(name, default)
-    if value in (True, False):
-        return bool(value)
+    if isinstance(value, bool):
+        return value
     if isinstance(value, str) and value.lower() in ("true", "false"):
         return value.lower() == "true"
     raise PromptError(f"{name} must be true or false, got {value!r}")
@@ -130,7 +130,7 @@ class SUVThresholdInfer(InferTask):
 
     A click grows the region above 41% (or 50%) of the local SUVmax, or above a fixed SUV,
     connected to the click; background clicks cut neighbouring hot spots away. ``saddle_cut: true`` also
-    cuts the region from hotter neighbours (the bladder, a kidney, another lesion) at the SUV's saddle
+    cuts the region from a neighbouring peak (the bladder, a kidney, another lesion) at the SUV's saddle
     between them, as the uptake edge of ``segany_pet`` does; off by default, so the answer is the
     guideline's method as published.
     """
