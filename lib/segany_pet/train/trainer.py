@@ -289,17 +289,28 @@ class Trainer:
             # A detail encoder asked for but absent from the file starts at zero output (the file's answers).
             detail_width = config.resolved_preset().detail_width if config.preset is not None else 0
             model = load_checkpoint(config.init_checkpoint, detail_width=detail_width)
-            if config.preset is not None and config.resolved_preset() != model.preset:
-                raise UserInputError(
-                    f"init_checkpoint {config.init_checkpoint} is preset {model.preset.name!r}, but the "
-                    f"configuration asks for {config.resolved_preset().name!r}; drop 'preset' or choose a "
-                    "matching checkpoint"
-                )
+            if config.preset is not None:
+                model.preset = self._fine_tuning_preset(model.preset, config.resolved_preset())
             if model.initialised_keys:
                 log.info("fine-tuning %s: %s start from the initialisation (absent from the checkpoint)",
                          config.init_checkpoint, ", ".join(model.initialised_keys))
             return model
         return build_model(config.resolved_preset())
+
+    def _fine_tuning_preset(self, loaded: Preset, wanted: Preset) -> Preset:
+        """The preset to fine-tune a loaded model with: the configuration's, when it differs from the file's at
+        most in the crop's voxel size (the same weights trained on crops of another scale)."""
+        differing = [f.name for f in dataclasses.fields(Preset) if getattr(loaded, f.name) != getattr(wanted, f.name)]
+        if set(differing) - {"spacing_mm"}:
+            raise UserInputError(
+                f"init_checkpoint {self.config.init_checkpoint} is preset {loaded.name!r}, but the configuration "
+                f"asks for {wanted.name!r} (differing in {', '.join(differing)}); drop 'preset' or choose a "
+                "matching checkpoint"
+            )
+        if differing:
+            log.info("fine-tuning %s on crops of %g mm (the file's preset: %g mm)", self.config.init_checkpoint,
+                     wanted.spacing_mm, loaded.spacing_mm)
+        return wanted
 
     def _step_module(self) -> torch.nn.Module:
         """The module a training step runs (wrapped by DistributedDataParallel under torchrun)."""
