@@ -12,10 +12,12 @@ import torch
 from segany_pet.evaluate import METHODS
 from segany_pet.evaluate.interactive import (
     autopet_iv_clicks,
+    case_bootstrap_interval,
     corrective_click,
     evaluate_autopet_iv,
     evaluate_baselines,
     evaluate_case,
+    markdown_table,
     summarise,
     touches_from_organs,
     write_report,
@@ -149,6 +151,22 @@ def test_baselines_give_one_row_per_lesion_and_method(scene):
     assert all(r["case_fpv_ml"] >= 0 and r["case"] == "scene" for r in rows)
 
 
+def test_the_one_click_interval_resamples_whole_cases():
+    assert case_bootstrap_interval([[0.8, 0.8], [0.8]]) == [0.8, 0.8]
+    assert case_bootstrap_interval([[0.5, 0.9]]) is None  # one case: nothing to resample
+    low, high = case_bootstrap_interval([[0.2, 0.3], [0.9], [0.6, 0.7, 0.8], [0.4]])
+    assert 0.2 < low < 0.59 < high < 0.9  # around the mean over lesions, 0.5875
+    narrow = case_bootstrap_interval([[0.55, 0.6], [0.6], [0.6, 0.6, 0.65], [0.6]])
+    assert narrow[1] - narrow[0] < (high - low) / 4
+
+    cases = [{"lesions": [{"dice": [d], "group": "isolated"} for d in dices], "dice": 1.0, "fpv_ml": 0.0, "fnv_ml": 0.0}
+             for dices in ([0.2, 0.3], [0.9], [0.6, 0.7, 0.8], [0.4])]
+    summary = summarise(cases)
+    assert summary["model"]["all"]["dice_1click_ci95"] == [low, high]
+    assert summary["model"]["touching"]["dice_1click_ci95"] is None
+    assert f"all {low:.3f}-{high:.3f}; isolated {low:.3f}-{high:.3f}." in markdown_table(summary)
+
+
 def test_report_tables_and_plot(tmp_path, scene):
     volume, truth, _ = scene
     model_cases = [evaluate_case(GroundTruthOracle(truth), volume, truth, clicks=5, touches=TOUCHES, volume_id="a")]
@@ -160,6 +178,7 @@ def test_report_tables_and_plot(tmp_path, scene):
     paths = write_report(summary, tmp_path, details={"cases": model_cases})
     text = paths["markdown"].read_text()
     assert "| touching (1) |" in text and "autoPET IV" in text and "relative_41" in text
+    assert summary["model"]["all"]["dice_1click_ci95"] is None and "95% interval" not in text  # one case
     assert json.loads(paths["json"].read_text())["summary"]["lesions"] == 3
     pytest.importorskip("matplotlib")
     assert paths["plot"].stat().st_size > 1000

@@ -39,6 +39,7 @@ REPORT_CLICKS = (1, 3, 5)
 GROUPS = ("all", "isolated", "touching")
 LESION_MARGIN = 5  # voxels around a lesion's box where its Dice is judged and its corrective clicks are found
 AUTOPET_STEPS = 11
+BOOTSTRAP_DRAWS = 2000
 AUTOPET_PERCENTILE = 99.75
 # Hot voxels this close to a lesion (voxels) are its blurred rim, not physiological uptake to click away.
 AUTOPET_LESION_MARGIN = 2
@@ -384,11 +385,27 @@ def _mean(values) -> float | None:
     return round(statistics.fmean(values), 4) if values else None
 
 
+def case_bootstrap_interval(per_case, draws: int = BOOTSTRAP_DRAWS, seed: int = 0) -> list[float] | None:
+    """95% interval of the mean over every value when whole cases are drawn again with replacement.
+
+    ``per_case``: one list of values (lesion Dice) per case. Cases, not lesions, are the independent draws: the
+    lesions of one scan share its uptake and noise. None with fewer than two cases holding values.
+    """
+    per_case = [np.asarray(values, dtype=float) for values in per_case if len(values)]
+    if len(per_case) < 2:
+        return None
+    sums = np.array([values.sum() for values in per_case])
+    counts = np.array([len(values) for values in per_case])
+    picks = np.random.default_rng(seed).integers(0, len(per_case), size=(draws, len(per_case)))
+    means = sums[picks].sum(axis=1) / counts[picks].sum(axis=1)
+    return [round(float(bound), 4) for bound in np.percentile(means, [2.5, 97.5])]
+
+
 def summarise(
     model_cases: list[dict], baseline_rows: list[dict] = (), autopet_cases: list[dict] = (), report_clicks=REPORT_CLICKS
 ) -> dict:
     """Means over lesions (per group) and over cases of `evaluate_case`, `evaluate_baselines` and
-    `evaluate_autopet_iv` results."""
+    `evaluate_autopet_iv` results; per group, the 95% interval of the one-click mean (`case_bootstrap_interval`)."""
     lesions = [row for case in model_cases for row in case["lesions"]]
     in_group = {g: [r for r in lesions if g == "all" or r["group"] == g] for g in GROUPS}
     clicks = max((len(r["dice"]) for r in lesions), default=0)
@@ -397,6 +414,9 @@ def summarise(
             "n": len(rows),
             "dice_curve": [_mean(r["dice"][k] for r in rows) for k in range(clicks)],
             "dice_at": {str(k): _mean(r["dice"][k - 1] for r in rows) for k in report_clicks if k <= clicks},
+            "dice_1click_ci95": case_bootstrap_interval(
+                [[r["dice"][0] for r in case["lesions"] if group in ("all", r["group"])] for case in model_cases]
+            ),
         }
         for group, rows in in_group.items()
     }
@@ -452,6 +472,11 @@ def markdown_table(summary: dict, title: str = "Interactive evaluation") -> str:
         cells = [f"{group} ({model[group]['n']})", *[_cell(model[group]["dice_at"][k]) for k in click_columns]]
         cells += [_cell(baselines[m][group]["dice"]) for m in baselines]
         lines.append("| " + " | ".join(cells) + " |")
+    intervals = [f"{group} {low:.3f}-{high:.3f}" for group in GROUPS
+                 for low, high in [model[group].get("dice_1click_ci95") or (None, None)] if low is not None]
+    if intervals:
+        lines += ["", f"95% interval of the mean after 1 click, cases resampled ({BOOTSTRAP_DRAWS} draws): "
+                      + "; ".join(intervals) + "."]
     case = summary["model_case"]
     lines += ["", "| per case (mean) | Dice of union | FPV mL | FNV mL |", "|---|---|---|---|",
               f"| model, after {len(model['all']['dice_curve'])} clicks | {_cell(case['dice'])} | "
