@@ -39,10 +39,10 @@ REPORT_CLICKS = (1, 3, 5)
 GROUPS = ("all", "isolated", "touching")
 LESION_MARGIN = 5  # voxels around a lesion's box where its Dice is judged and its corrective clicks are found
 AUTOPET_STEPS = 11
-BOOTSTRAP_DRAWS = 2000
 AUTOPET_PERCENTILE = 99.75
 # Hot voxels this close to a lesion (voxels) are its blurred rim, not physiological uptake to click away.
 AUTOPET_LESION_MARGIN = 2
+BOOTSTRAP_DRAWS = 2000  # resamplings of the cases behind a mean's 95% interval
 
 
 # ----------------------------------------------------------------------------------------------
@@ -472,8 +472,7 @@ def markdown_table(summary: dict, title: str = "Interactive evaluation") -> str:
         cells = [f"{group} ({model[group]['n']})", *[_cell(model[group]["dice_at"][k]) for k in click_columns]]
         cells += [_cell(baselines[m][group]["dice"]) for m in baselines]
         lines.append("| " + " | ".join(cells) + " |")
-    intervals = [f"{group} {low:.3f}-{high:.3f}" for group in GROUPS
-                 for low, high in [model[group].get("dice_1click_ci95") or (None, None)] if low is not None]
+    intervals = [f"{group} {ci[0]:.3f}-{ci[1]:.3f}" for group in GROUPS if (ci := model[group].get("dice_1click_ci95"))]
     if intervals:
         lines += ["", f"95% interval of the mean after 1 click, cases resampled ({BOOTSTRAP_DRAWS} draws): "
                       + "; ".join(intervals) + "."]
