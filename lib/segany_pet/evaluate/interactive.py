@@ -385,6 +385,10 @@ def _mean(values) -> float | None:
     return round(statistics.fmean(values), 4) if values else None
 
 
+def _in_group(row: dict, group: str) -> bool:
+    return group == "all" or row["group"] == group
+
+
 def case_bootstrap_interval(per_case, draws: int = BOOTSTRAP_DRAWS, seed: int = 0) -> list[float] | None:
     """95% interval of the mean over every value when whole cases are drawn again with replacement.
 
@@ -407,7 +411,7 @@ def summarise(
     """Means over lesions (per group) and over cases of `evaluate_case`, `evaluate_baselines` and
     `evaluate_autopet_iv` results; per group, the 95% interval of the one-click mean (`case_bootstrap_interval`)."""
     lesions = [row for case in model_cases for row in case["lesions"]]
-    in_group = {g: [r for r in lesions if g == "all" or r["group"] == g] for g in GROUPS}
+    in_group = {g: [r for r in lesions if _in_group(r, g)] for g in GROUPS}
     clicks = max((len(r["dice"]) for r in lesions), default=0)
     model = {
         group: {
@@ -415,7 +419,7 @@ def summarise(
             "dice_curve": [_mean(r["dice"][k] for r in rows) for k in range(clicks)],
             "dice_at": {str(k): _mean(r["dice"][k - 1] for r in rows) for k in report_clicks if k <= clicks},
             "dice_1click_ci95": case_bootstrap_interval(
-                [[r["dice"][0] for r in case["lesions"] if group in ("all", r["group"])] for case in model_cases]
+                [[r["dice"][0] for r in case["lesions"] if _in_group(r, group)] for case in model_cases]
             ),
         }
         for group, rows in in_group.items()
@@ -434,7 +438,7 @@ def summarise(
             per_case = {r["case"]: r for r in rows}.values()
             baselines[method] = {
                 **{g: {"n": len(sel), "dice": _mean(r["dice"] for r in sel)}
-                   for g in GROUPS for sel in [[r for r in rows if g == "all" or r["group"] == g]]},
+                   for g in GROUPS for sel in [[r for r in rows if _in_group(r, g)]]},
                 "fpv_ml": _mean(r["case_fpv_ml"] for r in per_case),
                 "fnv_ml": _mean(r["case_fnv_ml"] for r in per_case),
             }

@@ -66,7 +66,7 @@ def result_format(request: dict) -> tuple[str, bool]:
 
 
 def flag(request: dict, name: str, default: bool) -> bool:
-    """A yes/no param as JSON sends it (true / false) or as a form field or Slicer's config sends it (a string)."""
+    """A yes/no param: a JSON boolean, or the string "true" / "false" in any case."""
     value = request.get(name, default)
     if isinstance(value, bool):
         return value
