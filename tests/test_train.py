@@ -37,8 +37,7 @@ from segany_pet.train import (
     records_from_folder,
     split_records,
 )
-from segany_pet.predictor import Predictor
-from segany_pet.train.simulate import add_corrective_click, interior_click, jittered_box, multimask_loss
+from segany_pet.train.simulate import add_corrective_click, interior_click, jittered_box
 from support import TINY, train_under_torchrun
 
 REPO = Path(__file__).resolve().parents[1]
@@ -418,55 +417,6 @@ def test_fine_tuning_from_a_published_style_checkpoint(tmp_path, records, monkey
     Trainer(config(tmp_path / "finer", preset=finer.to_dict(), init_checkpoint=str(tmp_path / "published.pth"),
                    epochs=1), records).run()
     assert load_checkpoint(tmp_path / "finer" / MODEL_BEST).preset == finer
-
-
-def test_multimask_loss_trains_the_best_answer_and_rates_every_answer():
-    target = torch.zeros(1, 1, 8, 8, 8)
-    target[..., 2:6, 2:6, 2:6] = 1
-    right = torch.where(target > 0, 5.0, -5.0)[:, 0]
-    logits = torch.stack([-right, right, torch.zeros_like(right)], dim=1).requires_grad_()
-    estimate = torch.full((1, 3), 0.5, requires_grad=True)
-    loss, mask_losses = multimask_loss(logits, target, estimate)
-    assert int(mask_losses.argmin()) == 1
-    loss.backward()
-    assert logits.grad[:, 1].abs().sum() > 0 and logits.grad[:, [0, 2]].abs().sum() == 0
-    # True IoUs 0, 1 and 0 (the zero logits threshold to nothing): the head is pushed down, up, down.
-    assert estimate.grad[0, 0] > 0 and estimate.grad[0, 1] < 0 and estimate.grad[0, 2] > 0
-
-
-def test_fine_tuning_a_single_mask_model_to_answer_a_lone_click_three_ways(tmp_path, records):
-    torch.manual_seed(3)
-    start = save_checkpoint(build_model(TINY), tmp_path / "start.pt")
-    copied = load_checkpoint(start)
-    copied.mask_decoder.copy_single_mask_answer()
-    embedding = torch.randn(1, TINY.prompt_dim, TINY.embedding_grid, TINY.embedding_grid, TINY.embedding_grid)
-    click = (torch.tensor([[[16.0, 16.0, 16.0]]]), torch.tensor([[1]]))
-    with torch.no_grad():
-        single, _ = copied.decode(embedding, points=click)
-        answers, _ = copied.decode(embedding, points=click, multimask_output=True)
-    for k in range(3):  # the copies start near the single-mask answer (their tokens differ)
-        assert ((answers[:, k] > 0) == (single[:, 0] > 0)).float().mean() > 0.9
-
-    multimask = dataclasses.replace(TINY, multimask_opening=True)
-    Trainer(config(tmp_path / "run", preset=multimask.to_dict(), init_checkpoint=str(start), epochs=1,
-                   box_share=0.0, box_and_click_share=0.0, fresh_lr_factor=10), records).run()
-    tuned = load_checkpoint(tmp_path / "run" / MODEL_BEST)
-    assert tuned.preset == multimask
-    # Copied from the single-mask hypernetwork, the multimask ones train only on the lone-click loss.
-    started = copied.mask_decoder.output_hypernetworks_mlps[0].state_dict()
-    trained = [tuned.mask_decoder.output_hypernetworks_mlps[k].state_dict() for k in (1, 2, 3)]
-    assert any(not torch.equal(state[key], started[key]) for state in trained for key in started)
-    with torch.no_grad():
-        answers, rated = tuned.decode(embedding, points=click, multimask_output=True)
-    # The predictor shows a lone click's best-rated answer, and the single-mask one once there is a box.
-    predictor = Predictor(tuned)
-    logits, iou = predictor.decode(embedding, [[16.0, 16.0, 16.0]], [1], None, None)
-    best = int(rated[0].argmax())
-    assert iou == pytest.approx(float(rated[0, best])) and torch.equal(logits, answers[:, best : best + 1])
-    with torch.no_grad():
-        boxed, _ = tuned.decode(embedding, points=click, boxes=torch.tensor([[10.0, 10, 10, 22, 22, 22]]))
-    logits, _ = predictor.decode(embedding, [[16.0, 16.0, 16.0]], [1], [10.0, 10, 10, 22, 22, 22], None)
-    assert torch.equal(logits, boxed)
 
 
 def test_fine_tuning_that_does_not_beat_its_start_model_writes_no_best_model(tmp_path, records):

@@ -592,15 +592,10 @@ class Predictor:
             masks = None if mask_prompt is None else mask_prompt[None, None].to(device, torch.float32)
             prompt_encoder = self.model.prompt_encoder
             sparse, dense = prompt_encoder(points=point_prompt, boxes=boxes, masks=masks)
-            # A lone positive click is ambiguous (the lesion, or it with what it touches): with a model trained
-            # for it, the best-rated of the three multimask answers.
-            multimask = (self.preset.multimask_opening and box is None and mask_prompt is None
-                         and list(labels) == [1])
             logits, iou = self.model.mask_decoder(
-                embedding, prompt_encoder.get_dense_pe(), sparse, dense, multimask_output=multimask
+                embedding, prompt_encoder.get_dense_pe(), sparse, dense, multimask_output=False
             )
-            best = int(iou[0].argmax())
-        return logits[:, best : best + 1].float().cpu(), float(iou[0, best])
+        return logits.float().cpu(), float(iou[0, 0])
 
 
 def _left_out_clicks(mask: np.ndarray, region, foreground) -> list[str]:

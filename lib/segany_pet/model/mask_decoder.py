@@ -145,14 +145,3 @@ class MaskDecoder3D(nn.Module):
         iou = self.iou_prediction_head(iou_token_out)
         chosen = slice(1, None) if multimask_output else slice(0, 1)
         return masks[:, chosen], iou[:, chosen]
-
-    @torch.no_grad()
-    def copy_single_mask_answer(self) -> None:
-        """Give the multimask answers the single-mask answer's hypernetwork and IoU output, for teaching a model
-        trained on single masks to answer three ways. Their tokens stay: every output token attends to the
-        others, so changing one would change the single-mask answer too."""
-        last = self.iou_prediction_head.layers[-1]
-        for k in range(1, self.num_mask_tokens):
-            self.output_hypernetworks_mlps[k].load_state_dict(self.output_hypernetworks_mlps[0].state_dict())
-            last.weight[k] = last.weight[0]
-            last.bias[k] = last.bias[0]

@@ -39,10 +39,6 @@ class Preset:
     # Channels of the detail encoder (0: none, as published): convolutions over the crop at the low-res
     # logits' grid whose features join the decoder's upscaled ones (see DetailEncoder3D).
     detail_width: int = 0
-    # A lone positive click (no box, no earlier mask) is decoded to the three multimask answers and the one
-    # the IoU head rates best is kept, as SAM answers ambiguous prompts. False: the single-mask output, as
-    # published (their multimask tokens were not trained for it).
-    multimask_opening: bool = False
 
     def __post_init__(self):
         object.__setattr__(self, "global_attn_indexes", tuple(int(i) for i in self.global_attn_indexes))

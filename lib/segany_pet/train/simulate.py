@@ -115,25 +115,6 @@ def segmentation_loss(logits: torch.Tensor, target: torch.Tensor, iou_estimate: 
     weight the model learns click-centred blobs of one size; ``bce_weight`` 0.1 (TrainConfig) leaves the
     sizing to the Dice term while still preventing the collapse.
     """
-    mask_loss, true_iou, hard_dice = _mask_losses(logits, target, bce_weight, weight)
-    return mask_loss.mean() + iou_weight * F.mse_loss(iou_estimate[:, 0], true_iou), hard_dice
-
-
-def multimask_loss(logits: torch.Tensor, target: torch.Tensor, iou_estimate: torch.Tensor,
-                   iou_weight: float = 1.0, bce_weight: float = 0.1,
-                   weight: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """SAM's loss for an ambiguous prompt: logits (B, M, *grid) are M answers; only the best of them (lowest
-    mask loss) is trained towards the target, while the IoU head learns the true IoU of every answer (so it
-    can pick one at inference). Returns (loss, the mask losses (B, M)) for the caller to choose by."""
-    per_answer = [_mask_losses(logits[:, k : k + 1], target, bce_weight, weight) for k in range(logits.shape[1])]
-    mask_losses = torch.stack([loss for loss, _, _ in per_answer], dim=1)
-    true_iou = torch.stack([iou for _, iou, _ in per_answer], dim=1)
-    loss = mask_losses.min(dim=1).values.mean() + iou_weight * F.mse_loss(iou_estimate, true_iou)
-    return loss, mask_losses
-
-
-def _mask_losses(logits, target, bce_weight, weight) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per crop: bce_weight x balanced BCE + soft Dice loss, and the IoU and Dice of the thresholded mask."""
     dims = tuple(range(1, logits.dim()))
     probability = torch.sigmoid(logits)
     cross_entropy = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
@@ -144,7 +125,7 @@ def _mask_losses(logits, target, bce_weight, weight) -> tuple[torch.Tensor, torc
         weighted_target = target
     on_object = (cross_entropy * target).sum(dims) / target.sum(dims).clamp_min(1)
     on_background = (cross_entropy * (1 - target)).sum(dims) / (1 - target).sum(dims).clamp_min(1)
-    bce = 0.5 * (on_object + on_background)
+    bce = 0.5 * (on_object + on_background).mean()
     overlap = (probability * target).sum(dims)
     soft_dice = 1 - (2 * overlap + 1) / (probability.sum(dims) + weighted_target.sum(dims) + 1)
     with torch.no_grad():
@@ -154,12 +135,8 @@ def _mask_losses(logits, target, bce_weight, weight) -> tuple[torch.Tensor, torc
         true_iou = torch.where(union > 0, intersection / union.clamp_min(1), torch.ones_like(union))
         total = hard.sum(dims) + truth.sum(dims)
         hard_dice = torch.where(total > 0, 2 * intersection / total.clamp_min(1), torch.ones_like(union))
-    return bce_weight * bce + soft_dice, true_iou, hard_dice
-
-
-def _dice(mask: np.ndarray, target: np.ndarray) -> float:
-    total = int(mask.sum()) + int(target.sum())
-    return 2 * int((mask & target).sum()) / total if total else 1.0
+    iou_loss = F.mse_loss(iou_estimate[:, 0], true_iou)
+    return bce_weight * bce + soft_dice.mean() + iou_weight * iou_loss, hard_dice
 
 
 class InteractiveStep(nn.Module):
@@ -201,30 +178,12 @@ class InteractiveStep(nn.Module):
     def session(self, embeddings: torch.Tensor, targets: torch.Tensor, prompts: list[Prompt],
                 weights: torch.Tensor | None = None, opening: tuple[torch.Tensor, torch.Tensor] | None = None):
         """The clicks after the encoder. ``weights`` (N, S, S, S): per-voxel loss weights; ``opening``: the
-        (logits, iou) of the opening prompts, when the caller has decoded them already.
-
-        With the preset's ``multimask_opening``, a lone opening click is also decoded to the three multimask
-        answers (`multimask_loss`), and the one the IoU head rates best is what the simulated annotator sees
-        and refines, as the `Predictor` shows it."""
+        (logits, iou) of the opening prompts, when the caller has decoded them already."""
         size = targets.shape[-1]
         crop_targets = targets[:, None].float()
         crop_weights = None if weights is None else weights[:, None].float()
         targets_np = targets.cpu().numpy() >= 0.5
-        low_res = {}
-
-        def loss_of(logits, iou, rows=slice(None), loss=segmentation_loss):
-            if self.loss_resolution == "crop":
-                compared = F.interpolate(logits, size=(size,) * 3, mode="trilinear", align_corners=False)
-                target, weight = crop_targets[rows], None if crop_weights is None else crop_weights[rows]
-            else:
-                if not low_res:
-                    factor = size // logits.shape[-1]
-                    low_res["target"] = F.avg_pool3d(crop_targets, factor)
-                    low_res["weight"] = None if crop_weights is None else F.avg_pool3d(crop_weights, factor)
-                compared, target = logits, low_res["target"][rows]
-                weight = None if low_res["weight"] is None else low_res["weight"][rows]
-            return loss(compared, target, iou, self.iou_weight, self.bce_weight, weight)
-
+        low_res_targets = low_res_weights = None
         previous = None
         total = embeddings.new_zeros(())
         losses, dices = [], []
@@ -233,36 +192,28 @@ class InteractiveStep(nn.Module):
                 logits, iou = opening
             else:
                 logits, iou = self.decode(embeddings, prompts, previous)
-            loss, _ = loss_of(logits, iou)
-            if iteration == 0 and opening is None and self.model.preset.multimask_opening:
-                loss, logits = self._multimask_opening(embeddings, prompts, loss, logits, loss_of)
-            upsampled = F.interpolate(logits.detach(), size=(size,) * 3, mode="trilinear", align_corners=False)
-            masks = (upsampled[:, 0] > 0).cpu().numpy()
+            upsampled = F.interpolate(logits, size=(size,) * 3, mode="trilinear", align_corners=False)
+            if self.loss_resolution == "crop":
+                loss, hard_dice = segmentation_loss(upsampled, crop_targets, iou, self.iou_weight, self.bce_weight,
+                                                    crop_weights)
+            else:
+                if low_res_targets is None:
+                    factor = size // logits.shape[-1]
+                    low_res_targets = F.avg_pool3d(crop_targets, factor)
+                    low_res_weights = None if crop_weights is None else F.avg_pool3d(crop_weights, factor)
+                loss, hard_dice = segmentation_loss(logits, low_res_targets, iou, self.iou_weight, self.bce_weight,
+                                                    low_res_weights)
             total = total + (self.first_weight * loss if iteration == 0 else loss)
             losses.append(float(loss.detach()))
-            dices.append(float(np.mean([_dice(m, t) for m, t in zip(masks, targets_np, strict=True)])))
+            dices.append(float(hard_dice.mean()))
             if iteration + 1 < self.iterations:
+                masks = (upsampled.detach()[:, 0] > 0).cpu().numpy()
                 for prompt, mask, target in zip(prompts, masks, targets_np, strict=True):
                     add_corrective_click(prompt, mask, target)
                 previous = logits.detach()
         return total, {"iteration_loss": losses, "iteration_dice": dices}
 
-    def _multimask_opening(self, embeddings, prompts, loss, logits, loss_of):
-        """Add the multimask loss of the crops opened by a lone click (weighted by their share) and put the
-        answer their IoU head rates best in place of the single-mask logits."""
-        lone = [i for i, p in enumerate(prompts) if p.box is None and len(p.labels) == 1]
-        if not lone:
-            return loss, logits
-        rows = torch.as_tensor(lone, device=embeddings.device)
-        answers, iou = self.decode(embeddings[rows], [prompts[i] for i in lone], None, multimask=True)
-        extra, _ = loss_of(answers, iou, rows, multimask_loss)
-        chosen = answers[torch.arange(len(lone)), iou.detach().argmax(dim=1)][:, None]
-        logits = logits.detach().clone()
-        logits[rows] = chosen.detach()
-        return loss + extra * len(lone) / len(prompts), logits
-
-    def decode(self, embeddings: torch.Tensor, prompts: list[Prompt], masks: torch.Tensor | None,
-               multimask: bool = False):
+    def decode(self, embeddings: torch.Tensor, prompts: list[Prompt], masks: torch.Tensor | None):
         """Decode a batch whose crops have different prompts: crops with and without a box go in separate
         calls (the prompt encoder takes boxes for all or none); shorter point lists are padded with label -1."""
         device = embeddings.device
@@ -288,8 +239,7 @@ class InteractiveStep(nn.Module):
                                         device=device)
             index = torch.as_tensor(members, device=device)
             group_logits, group_iou = self.model.decode(
-                embeddings[index], points=points, boxes=boxes, masks=None if masks is None else masks[index],
-                multimask_output=multimask,
+                embeddings[index], points=points, boxes=boxes, masks=None if masks is None else masks[index]
             )
             order += members
             logits.append(group_logits)

@@ -290,18 +290,7 @@ class Trainer:
             detail_width = config.resolved_preset().detail_width if config.preset is not None else 0
             model = load_checkpoint(config.init_checkpoint, detail_width=detail_width)
             if config.preset is not None:
-                loaded = model.preset
-                model.preset = self._fine_tuning_preset(loaded, config.resolved_preset())
-                if model.preset.multimask_opening and not loaded.multimask_opening:
-                    log.info("fine-tuning %s to answer a lone click three ways: the multimask answers start as "
-                             "copies of its single mask", config.init_checkpoint)
-                    model.mask_decoder.copy_single_mask_answer()
-                    # The file never trained them: they learn at fresh_lr_factor, like absent keys.
-                    model.initialised_keys += tuple(
-                        name for name, _ in model.named_parameters()
-                        if name.startswith("mask_decoder.output_hypernetworks_mlps.")
-                        and not name.startswith("mask_decoder.output_hypernetworks_mlps.0.")
-                    )
+                model.preset = self._fine_tuning_preset(model.preset, config.resolved_preset())
             if model.initialised_keys:
                 log.info("fine-tuning %s: %s start from the initialisation (absent from the checkpoint)",
                          config.init_checkpoint, ", ".join(model.initialised_keys))
@@ -310,16 +299,15 @@ class Trainer:
 
     def _fine_tuning_preset(self, loaded: Preset, wanted: Preset) -> Preset:
         """The preset to fine-tune a loaded model with: the configuration's, when it differs from the file's at
-        most in the crop's voxel size (the same weights trained on crops of another scale) and in
-        ``multimask_opening`` (the same weights taught to answer a lone click three ways)."""
+        most in the crop's voxel size (the same weights trained on crops of another scale)."""
         differing = [f.name for f in dataclasses.fields(Preset) if getattr(loaded, f.name) != getattr(wanted, f.name)]
-        if set(differing) - {"spacing_mm", "multimask_opening"}:
+        if set(differing) - {"spacing_mm"}:
             raise UserInputError(
                 f"init_checkpoint {self.config.init_checkpoint} is preset {loaded.name!r}, but the configuration "
                 f"asks for {wanted.name!r} (differing in {', '.join(differing)}); drop 'preset' or choose a "
                 "matching checkpoint"
             )
-        if "spacing_mm" in differing:
+        if differing:
             log.info("fine-tuning %s on crops of %g mm (the file's preset: %g mm)", self.config.init_checkpoint,
                      wanted.spacing_mm, loaded.spacing_mm)
         return wanted
