@@ -102,8 +102,6 @@ def main(argv: list[str] | None = None) -> int:
                         help="fine-tuning: lr multiplier of the parameters the init checkpoint lacks")
     parser.add_argument("--touching-weight", type=float, default=1.0,
                         help="draw lesions beside hot uptake (an organ) this many times as often as others")
-    parser.add_argument("--spacing-scale", type=float, default=0.0,
-                        help="scale each training crop's voxel size by exp(U(-s, s)) (0: the preset's)")
     parser.add_argument("--clicks-per-sample", type=int, default=3, help="decoder iterations per training crop")
     parser.add_argument("--first-click-weight", type=float, default=1.0,
                         help="loss weight of the opening prompt relative to the corrective clicks")
@@ -143,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         epochs=args.epochs, iterations_per_epoch=args.iterations, batch_size=args.batch_size, lr=args.lr,
         fresh_lr_factor=args.fresh_lr_factor,
         clicks_per_sample=args.clicks_per_sample, first_click_weight=args.first_click_weight,
-        touching_weight=args.touching_weight, spacing_scale=args.spacing_scale, val_cases=val_cases,
+        touching_weight=args.touching_weight, val_cases=val_cases,
         seed=args.seed, threads=args.threads,
         init_checkpoint=str(args.init_checkpoint) if args.init_checkpoint else None,
         warmup_iterations=min(50, args.epochs * args.iterations // 10),

@@ -233,17 +233,6 @@ def test_crops_follow_the_preset_and_jitter_the_object(cases):
     assert not any(s.neighbours for s in samples)
 
 
-def test_spacing_scale_varies_the_crops_voxel_size(cases):
-    def spacings(scale):
-        sampler = CropSampler(cases, TINY, np.random.default_rng(0), spacing_scale=scale)
-        return np.array([sampler._geometry(cases[0], cases[0].objects[0].centre_mm).spacing for _ in range(200)])
-
-    assert np.all(spacings(0.0) == TINY.spacing_mm)
-    scaled = spacings(0.3) / TINY.spacing_mm
-    assert np.all((scaled >= np.exp(-0.3)) & (scaled <= np.exp(0.3)))
-    assert scaled.min() < 0.8 and scaled.max() > 1.25  # the whole range is drawn
-
-
 def test_crops_bring_their_neighbours(cases):
     sampler = CropSampler(cases, TINY, np.random.default_rng(0), neighbours=2)
     samples = sampler.batch(20)
@@ -390,8 +379,6 @@ def test_config_checks(tmp_path):
         TrainConfig(touching_weight=0)
     with pytest.raises(ValueError, match="first_click_weight must be positive"):
         TrainConfig(first_click_weight=0)
-    with pytest.raises(ValueError, match=r"spacing_scale must lie in \[0, 0.5\]"):
-        TrainConfig(spacing_scale=0.9)
     with pytest.raises(ValueError, match="unknown training options: colour"):
         TrainConfig.from_dict({"colour": "blue"})
     assert TrainConfig.from_dict(config(tmp_path).to_dict()) == config(tmp_path)

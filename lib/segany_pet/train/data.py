@@ -330,7 +330,6 @@ class CropSampler:
     by up to ``position_jitter`` of the crop along each axis, so objects (and prompts) are not always
     central. A share ``hot_spot_share`` of crops centres on a hot non-target structure instead (see module
     docstring). ``intensity_scale``: SUV multiplied by exp(U(-s, s)), the spread of uptake between patients.
-    ``spacing_scale``: the crop's voxel size multiplied by exp(U(-s, s)), so objects appear at other sizes.
     ``neighbours``: up to this many other objects of the case whose centre lies in the crop, at least 1/8 of
     the crop from its faces, come with each crop (chosen at random), so one encoded crop trains several
     prompts, as SAM trains several masks per image.
@@ -345,7 +344,6 @@ class CropSampler:
         hot_spot_share: float = 0.1,
         position_jitter: float = 0.125,
         intensity_scale: float = 0.15,
-        spacing_scale: float = 0.0,
         low_tier_weight: float = 1.0,
         touching_weight: float = 1.0,
         neighbours: int = 0,
@@ -357,7 +355,6 @@ class CropSampler:
         self.hot_spot_share = hot_spot_share
         self.position_jitter = position_jitter
         self.intensity_scale = intensity_scale
-        self.spacing_scale = spacing_scale
         self.objects = [(c, o) for c, case in enumerate(cases) for o in case.objects]
         self.touching_weight = float(touching_weight)
         self.set_low_tier_weight(low_tier_weight)
@@ -419,8 +416,6 @@ class CropSampler:
 
     def _geometry(self, case: TrainingCase, centre_mm) -> CropGeometry:
         size, spacing = self.preset.crop_size, self.preset.spacing_mm
-        if self.spacing_scale:
-            spacing *= float(np.exp(self.rng.uniform(-self.spacing_scale, self.spacing_scale)))
         offset = self.rng.uniform(-1, 1, 3) * self.position_jitter * size * spacing
         return CropGeometry.around(case.volume.affine, np.asarray(centre_mm) + offset, spacing, size)
 

@@ -116,8 +116,6 @@ class TrainConfig:
     position_jitter: float = 0.125
     # SUV scaled by exp(U(-s, s)) per crop (0: off).
     intensity_scale: float = 0.15
-    # The crop's voxel size scaled by exp(U(-s, s)) per crop (0: off): objects at other apparent sizes.
-    spacing_scale: float = 0.0
     # Sampling weight of objects from "low" tier labels relative to "high" (0 ignores them).
     low_tier_weight: float = 1.0
     # Sampling weight of lesions beside uptake a threshold would leak into (an organ), relative to others.
@@ -190,8 +188,6 @@ class TrainConfig:
                      "cpcl_cross_confidence"):
             if not 0 <= float(getattr(self, name)) <= 1:
                 problems.append(f"{name} must lie in [0, 1]")
-        if not 0 <= self.spacing_scale <= 0.5:
-            problems.append("spacing_scale must lie in [0, 0.5]")
         if self.touching_weight <= 0:
             problems.append("touching_weight must be positive")
         if self.first_click_weight <= 0:
@@ -484,7 +480,6 @@ class Trainer:
         self.sampler = CropSampler(
             cases, self.model.preset, rng, hot_spot_share=config.hot_spot_share,
             position_jitter=config.position_jitter, intensity_scale=config.intensity_scale,
-            spacing_scale=config.spacing_scale,
             low_tier_weight=config.low_tier_weight, touching_weight=config.touching_weight,
             neighbours=config.neighbours_per_crop,
         )
