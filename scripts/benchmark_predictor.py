@@ -3,8 +3,9 @@
 For each preset (random weights: speed does not depend on them), on a synthetic 4 mm whole-body phantom
 (128x128x240) and an autoPET-sized one (400x400x326 at 2.036x2.036x3 mm), clicking on a lesion:
 cold = the first click on a volume (its crop is encoded), warm = refinement clicks next to it whose crop
-embedding is cached (median of --warm). Times are seconds of wall clock; other processes on the machine
-inflate them, torch's 2-thread kernels most of all.
+embedding is cached (median of --warm). A preset with a scale ensemble (`ensemble_spacings_mm`) is timed
+with it and, in the next row, at its `spacing_mm` alone. Times are seconds of wall clock; other processes on
+the machine inflate them, torch's 2-thread kernels most of all.
 
     .venv/bin/python scripts/benchmark_predictor.py
     .venv/bin/python scripts/benchmark_predictor.py --presets segany_pet_small --max-windows 6
@@ -74,18 +75,22 @@ def main() -> None:
     peak_since_phantoms = reset_peak_rss()
     print(f"threads {args.threads}, encoder dtype {args.dtype or 'float32'}, max_windows {args.max_windows}\n")
     print(
-        "| preset | volume | shape | set_volume s | cold s | cold breakdown | warm s | warm breakdown "
-        "| cold/warm | windows |"
+        "| preset | crop spacings mm | volume | shape | set_volume s | cold s | cold breakdown | warm s "
+        "| warm breakdown | cold/warm | windows |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     first_clicks = []
-    for name in args.presets:
+    runs = [(name, ensemble) for name in args.presets
+            for ensemble in ((True, False) if PRESETS[name].ensemble_spacings_mm else (True,))]
+    for name, ensemble in runs:
         torch.manual_seed(0)
-        predictor = Predictor(build_model(name), cache_size=8, dtype=args.dtype, max_windows=args.max_windows)
+        predictor = Predictor(build_model(name), cache_size=8, dtype=args.dtype, max_windows=args.max_windows,
+                              scale_ensemble=ensemble)
+        spacings = " + ".join(f"{spacing:g}" for spacing in predictor.spacings)
         # torch's first forward passes allocate and pick kernels (seconds): one throwaway click, reported apart
         warm_up_volume, warm_up_click = next(iter(cases.values()))
         first = predictor.set_volume(warm_up_volume, "warm-up").predict(foreground=[warm_up_click])
-        first_clicks.append(f"{name}: {first.latencies['total']:.2f} s ({breakdown(first.latencies)})")
+        first_clicks.append(f"{name} at {spacings} mm: {first.latencies['total']:.2f} s ({breakdown(first.latencies)})")
         predictor.clear_cache()
         for grid, (volume, click) in cases.items():
             started = time.perf_counter()
@@ -103,7 +108,8 @@ def main() -> None:
             median = sorted(warm, key=lambda p: p.latencies["total"])[len(warm) // 2]  # the median click
             cold_s, warm_s = cold.latencies["total"], median.latencies["total"]
             print(
-                f"| {name} | {GRIDS[grid]} | {'x'.join(map(str, volume.shape))} | {set_seconds:.2f} | {cold_s:.2f} "
+                f"| {name} | {spacings} | {GRIDS[grid]} | {'x'.join(map(str, volume.shape))} | {set_seconds:.2f} "
+                f"| {cold_s:.2f} "
                 f"| {breakdown(cold.latencies)} | {warm_s:.3f} | {breakdown(median.latencies)} "
                 f"| {cold_s / warm_s:.0f} | {cold.windows} |"
             )

@@ -88,6 +88,8 @@ def test_own_checkpoint_round_trip(tmp_path):
         assert torch.equal(got, expected)
     with pytest.raises(ValueError, match="reserved"):
         save_checkpoint(model, tmp_path / "x.pth", preset="other")
+    model.preset = dataclasses.replace(TINY, ensemble_spacings_mm=(4.5, 7.5))  # serving choices travel in the file
+    assert load_checkpoint(save_checkpoint(model, tmp_path / "ensemble.pth")).preset.ensemble_spacings_mm == (4.5, 7.5)
 
 
 def test_a_detail_encoder_grafted_onto_a_checkpoint_starts_as_the_file_and_then_counts(tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -29,8 +30,8 @@ from segany_pet.predictor import (
     touched_faces,
 )
 
-# The default preset's architecture at 3 mm: the geometry below is worked out for 192 mm crops.
-SMALL = dataclasses.replace(PRESETS["segany_pet_small"], spacing_mm=3.0)
+# The default preset's architecture at 3 mm, one spacing: the geometry below is worked out for 192 mm crops.
+SMALL = dataclasses.replace(PRESETS["segany_pet_small"], spacing_mm=3.0, ensemble_spacings_mm=())
 
 
 def affine_of(spacing, origin=(0.0, 0.0, 0.0)) -> np.ndarray:
@@ -320,6 +321,26 @@ def test_second_click_nearby_reuses_the_embedding_and_far_click_does_not(small_m
     assert len(calls) == 3
 
 
+def test_a_preset_with_ensemble_spacings_reads_each_object_at_every_spacing(small_model):
+    ensemble = copy.deepcopy(small_model)  # the same weights, served at 3 and 2.5 mm
+    ensemble.preset = dataclasses.replace(SMALL, ensemble_spacings_mm=(2.5,))
+    calls = count_encoder_calls(ensemble)
+    session = Predictor(ensemble, max_windows=1).set_volume(blob_volume(), "blobs")
+    first = session.predict(foreground=[[24, 19, 37]])
+    assert len(calls) == 2 and first.windows == 2
+    assert [w.geometry.spacing for w in first.window_results] == [3.0, 2.5] and first.geometry.spacing == 3.0
+    assert first.iou == pytest.approx(np.mean([w.iou for w in first.window_results]))
+    windows = [(w.geometry, w.low_res_logits[0, 0]) for w in first.window_results]
+    np.testing.assert_array_equal(first.mask, paste_mask(windows, session.volume.affine, session.volume.shape)[0])
+    refined = session.predict(foreground=[[25, 20, 38]], previous=first)  # each spacing reuses its own crop
+    assert len(calls) == 2 and refined.cache_hit
+    alone = Predictor(ensemble, max_windows=1, scale_ensemble=False).set_volume(session.volume, "blobs")
+    single = alone.predict(foreground=[[24, 19, 37]])
+    assert single.windows == 1 and single.geometry == first.geometry
+    with pytest.raises(ValueError, match="ensemble_spacings_mm"):
+        dataclasses.replace(SMALL, ensemble_spacings_mm=(SMALL.spacing_mm,))
+
+
 def test_cache_is_bounded_lru(small_model):
     predictor = Predictor(small_model, cache_size=1, max_windows=1)
     calls = count_encoder_calls(small_model)
@@ -481,6 +502,23 @@ def test_overlapping_windows_merge_by_the_larger_logit():
     assert paste_mask([(first, no), (second, no)], affine, shape)[0].sum() == 0
 
 
+def test_a_scale_ensemble_averages_its_spacings_and_counts_unseen_voxels_as_background():
+    affine = affine_of((4.0, 4.0, 4.0))
+    shape = (60, 60, 120)
+    coarse, _ = place_crop(affine, shape, [[30, 30, 60]], SMALL.crop_size, SMALL.spacing_mm)
+    fine, _ = place_crop(affine, shape, [[30, 30, 60]], SMALL.crop_size, SMALL.spacing_mm / 2)
+    low_res = (SMALL.low_res_size,) * 3
+    coarse_box, fine_box = coarse.covered_box(affine, shape), fine.covered_box(affine, shape)
+    outside_fine = np.ones(shape, bool)
+    outside_fine[fine_box] = False
+    for fine_logit, inside_expected in ((-1.0, 1), (-3.0, 0)):  # mean of +2 and -1 is positive, of +2 and -3 not
+        mask, region = paste_mask([(coarse, torch.full(low_res, 2.0)), (fine, torch.full(low_res, fine_logit))],
+                                  affine, shape)
+        assert region == coarse_box
+        np.testing.assert_array_equal(mask[fine_box], inside_expected)
+        assert not mask[outside_fine].any()  # only the coarse spacing looked there: outvoted by OUTSIDE_LOGIT
+
+
 class _Pool(nn.Module):
     """'Embedding' = the normalised crop averaged down to the low-res grid."""
 
@@ -523,6 +561,30 @@ class ThresholdModel(nn.Module):
 
     def embed(self, image):
         return self.image_encoder(image)
+
+
+class _BlindInsideThreshold(_Threshold):
+    """Answers nothing when the crop holds no background: one spacing blind to an object another sees."""
+
+    def forward(self, image_embeddings, image_pe, sparse, dense, multimask_output=False):
+        logits, iou = super().forward(image_embeddings, image_pe, sparse, dense, multimask_output)
+        return (logits if (logits < 0).any() else torch.full_like(logits, -1.0)), iou
+
+
+def test_a_spacing_that_finds_nothing_abstains_from_the_ensemble():
+    shape, spacing = (60, 60, 60), (4.0, 4.0, 4.0)
+    affine = affine_of(spacing, -(np.asarray(shape) - 1) / 2 * np.asarray(spacing))
+    truth = ball(shape, affine, (0, 0, 0), 75)  # the 64 mm crop at 1 mm lies wholly inside it
+    volume = PETVolume(np.where(truth, 10.0, 1.0).astype(np.float32), affine)
+    model = ThresholdModel()
+    model.mask_decoder = _BlindInsideThreshold(model.mask_decoder.level)
+    model.preset = dataclasses.replace(SMALL, ensemble_spacings_mm=(1.0,))
+    click = [[30, 30, 30]]
+    ensemble = Predictor(model).set_volume(volume).predict(foreground=click)
+    assert ensemble.windows == 2 and not (ensemble.window_results[1].low_res_logits > 0).any()
+    coarse_alone = Predictor(model, scale_ensemble=False).set_volume(volume).predict(foreground=click)
+    np.testing.assert_array_equal(ensemble.mask, coarse_alone.mask)
+    assert dice(ensemble.mask, truth) > 0.9
 
 
 def rod_volume():

@@ -37,7 +37,8 @@ def test_a_replaced_checkpoint_is_loaded_on_the_next_request(tmp_path):
     first = served.predictor()
     assert served.predictor() is first
     assert served.describe() | {"file": None} == {
-        "file": None, "state": "ready", "preset": "segany_pet_small", "inference_dtype": "float32"
+        "file": None, "state": "ready", "preset": "segany_pet_small", "inference_dtype": "float32",
+        "crop_spacings_mm": [1.5, 1.25],
     }
 
     torch.manual_seed(1)

@@ -57,6 +57,7 @@ def test_info_reports_the_shipped_model_ready(default_server):
     served = requests.get(f"{default_server}/info/", timeout=10).json()["models"][MODEL]["model"]
     assert served["file"].endswith("model/segany_pet_small.pt")
     assert served["state"] in ("ready", "loading") and served.get("preset", "segany_pet_small") == "segany_pet_small"
+    assert served.get("crop_spacings_mm", [1.5, 1.25]) == [1.5, 1.25]  # the scale ensemble of the file's preset
 
 
 def test_one_click_on_each_demo_lesion_returns_its_3d_mask(default_server, cohort):

@@ -58,6 +58,9 @@ MARGIN_FRACTION = 1 / 16
 SNAP_FRACTION = 1 / 4
 # A previous mask that has to be resampled into a new crop becomes logits of +-8: confident, not saturated.
 MASK_PROMPT_LOGIT = 8.0
+# In a scale ensemble, what a spacing says where none of its windows looked: background, firmly enough that
+# the other spacings' average cannot outvote it by one confident window.
+OUTSIDE_LOGIT = -20.0
 DEFAULT_MAX_WINDOWS = 6
 LATENCY_KEYS = ("crop", "encode", "decode", "paste", "plan", "edge")
 
@@ -323,26 +326,32 @@ def paste_mask(windows, affine, shape) -> tuple[np.ndarray, tuple[slice, slice, 
     """The mask of one or more windows on the stored grid, uint8, and the box of the grid the windows cover
     (every mask voxel lies in it; None when they cover none).
 
-    ``windows``: (geometry, logits) pairs, logits as for `paste_logits`. Where windows overlap the larger
-    logit wins (the most confident window), then the logits are thresholded at 0. Only the bounding box
+    ``windows``: (geometry, logits) pairs, logits as for `paste_logits`. Within one crop spacing, where windows
+    overlap the larger logit wins (the most confident window); the spacings of a scale ensemble
+    (`Preset.ensemble_spacings_mm`) are then averaged, a voxel outside every window of a spacing counting
+    as ``OUTSIDE_LOGIT`` (background) for it; the result is thresholded at 0. Only the bounding box
     of the windows is computed; the full-size mask is allocated once, zero elsewhere, in Fortran order:
     the order NRRD and NIfTI store, so writing the reply is a copy, not a transposition (6x faster on an
     autoPET-sized grid, scripts/benchmark_server.py).
     """
-    placed = [paste_logits(logits, geometry, affine, shape) for geometry, logits in windows]
-    placed = [item for item in placed if item is not None]
+    placed = [(geometry.spacing, paste_logits(logits, geometry, affine, shape)) for geometry, logits in windows]
+    placed = [(spacing, item) for spacing, item in placed if item is not None]
     mask = np.zeros(shape, dtype=np.uint8, order="F")
     if not placed:
         return mask, None
-    starts = [min(box[a].start for box, _ in placed) for a in range(3)]
-    stops = [max(box[a].stop for box, _ in placed) for a in range(3)]
+    starts = [min(box[a].start for _, (box, _) in placed) for a in range(3)]
+    stops = [max(box[a].stop for _, (box, _) in placed) for a in range(3)]
+    spacings = sorted({spacing for spacing, _ in placed})
     if len(placed) == 1:
-        merged = placed[0][1]
+        merged = placed[0][1][1]
     else:
-        merged = np.full([hi - lo for lo, hi in zip(starts, stops, strict=True)], -np.inf, np.float32)
-        for box, block in placed:
-            local = tuple(slice(s.start - lo, s.stop - lo) for s, lo in zip(box, starts, strict=True))
+        merged = np.full([len(spacings), *(hi - lo for lo, hi in zip(starts, stops, strict=True))], OUTSIDE_LOGIT,
+                         np.float32)
+        for spacing, (box, block) in placed:
+            local = (spacings.index(spacing),
+                     *(slice(s.start - lo, s.stop - lo) for s, lo in zip(box, starts, strict=True)))
             np.maximum(merged[local], block, out=merged[local])
+        merged = merged.mean(axis=0)
     region = tuple(slice(lo, hi) for lo, hi in zip(starts, stops, strict=True))
     mask[region] = merged > 0
     return mask, region
@@ -458,11 +467,12 @@ class WindowResult:
 class Prediction:
     """A mask and what is needed to refine it with the next click.
 
-    ``low_res_logits``, ``geometry`` and ``iou`` (the model's estimate) are those of the first window
-    (centred on the prompts);
-    ``window_results`` holds every window. ``foreground``, ``background`` and ``box`` are all prompts so far
-    (stored voxel indices). ``cache_hit`` is True when no window needed the image encoder. ``latencies`` (s)
-    sums crop, encode, decode, paste and plan (choosing and seeding extra windows) over windows, plus total.
+    ``low_res_logits`` and ``geometry`` are those of the first window (centred on the prompts, at the
+    preset's ``spacing_mm``); ``iou`` (the model's estimate) is that window's, averaged with the first windows
+    of a scale ensemble's other spacings; ``window_results`` holds every window. ``foreground``,
+    ``background`` and ``box`` are all prompts so far (stored voxel indices). ``cache_hit`` is True when no
+    window needed the image encoder. ``latencies`` (s) sums crop, encode, decode, paste and plan (choosing and
+    seeding extra windows) over windows, plus total.
     """
 
     mask: np.ndarray = field(repr=False)
@@ -504,10 +514,13 @@ class Predictor:
     machines, a 11 ms decode took 0.1-0.7 s while another thread was busy with torch.
 
     ``dtype`` ("bfloat16" or "float32") sets how the image encoder computes (``Sam3D.to_inference_dtype``);
-    None keeps the model as it is. ``max_windows`` caps the crops spent on one object.
+    None keeps the model as it is. ``max_windows`` caps the crops spent on one object at each spacing.
+    ``scale_ensemble``: read each object at every spacing of the preset (`Preset.ensemble_spacings_mm`), or
+    at ``spacing_mm`` alone (False: ranking and training loops, where the ensemble's cost buys little).
     """
 
-    def __init__(self, model, device="cpu", cache_size: int = 8, dtype=None, max_windows: int = DEFAULT_MAX_WINDOWS):
+    def __init__(self, model, device="cpu", cache_size: int = 8, dtype=None, max_windows: int = DEFAULT_MAX_WINDOWS,
+                 scale_ensemble: bool = True):
         if max_windows < 1:
             raise ValueError(f"max_windows must be at least 1, got {max_windows}")
         self.device = torch.device(device)
@@ -515,6 +528,7 @@ class Predictor:
         if dtype is not None:
             self.model.to_inference_dtype(dtype)
         self.preset = model.preset
+        self.spacings = (self.preset.spacing_mm, *(self.preset.ensemble_spacings_mm if scale_ensemble else ()))
         self.cache_size = cache_size
         self.max_windows = max_windows
         self._cache: OrderedDict[tuple, torch.Tensor] = OrderedDict()
@@ -629,7 +643,8 @@ class VolumeSession:
         ``foreground`` / ``background``: lists of ``[i, j, k]``; ``box``: ``((i0, j0, k0), (i1, j1, k1))``,
         inclusive corners. ``previous``: the Prediction of the last click on this volume. Its prompts are
         kept (send only the new clicks, or all of them: repeats count once) and its logits become the mask
-        prompt, as SAM refines. The mask is the maximum of the logits of every window, thresholded at 0.
+        prompt, as SAM refines. The mask is the maximum of the logits of every window at each crop spacing,
+        averaged over the spacings of a scale ensemble that found something and thresholded at 0 (`paste_mask`).
         ``edge``: None keeps that mask; a method of `segany_pet.edge` snaps it to the lesion's uptake where the
         two agree (the mask prompt of the next click stays the model's own logits).
         """
@@ -638,8 +653,17 @@ class VolumeSession:
         started = time.perf_counter()
         foreground, background, box = self._prompts_so_far(foreground, background, box, previous)
         latencies = dict.fromkeys(LATENCY_KEYS, 0.0)
-        results, notes = self._follow_object(foreground, background, box, previous, latencies)
-        mask, region = self._paste(results, latencies)
+        results, voting, firsts, notes = [], [], [], []
+        for spacing in self.predictor.spacings:
+            scale_results, scale_notes = self._follow_object(spacing, foreground, background, box, previous, latencies)
+            results += scale_results
+            firsts.append(scale_results[0])
+            notes += [note for note in scale_notes if note not in notes]
+            # A spacing that finds nothing abstains rather than outvoting one that found the object (the shipped
+            # model reads a 15 mL demo lesion as background at 1.25 mm); when none finds anything, the mask is empty.
+            if any(bool((result.low_res_logits > 0).any()) for result in scale_results):
+                voting += scale_results
+        mask, region = self._paste(voting or results, latencies)
         if edge is not None:
             snapping = time.perf_counter()
             region, snapped = snap_to_uptake(self.volume.suv, self.volume.spacing, mask, region, foreground,
@@ -654,7 +678,7 @@ class VolumeSession:
             region=region,
             low_res_logits=first.low_res_logits,
             geometry=first.geometry,
-            iou=first.iou,
+            iou=float(np.mean([result.iou for result in firsts])),
             windows=len(results),
             cache_hit=all(result.cache_hit for result in results),
             latencies=latencies,
@@ -684,15 +708,17 @@ class VolumeSession:
             raise PromptError("no prompt on the object: click at least once on the object or draw a box")
         return foreground, background, box
 
-    def _follow_object(self, foreground, background, box, previous, latencies) -> tuple[list[WindowResult], list]:
-        """The first window, centred on the prompts, then windows past every face the object leaves through
-        (breadth first, so it grows evenly in all directions) until it stops or ``max_windows`` is reached."""
+    def _follow_object(self, spacing, foreground, background, box, previous,
+                       latencies) -> tuple[list[WindowResult], list]:
+        """At one crop spacing: the first window, centred on the prompts, then windows past every face the
+        object leaves through (breadth first, so it grows evenly in all directions) until it stops or
+        ``max_windows`` is reached."""
         preset, affine, shape = self.predictor.preset, self.volume.affine, self.volume.shape
         notes = []
         placement = list(foreground)
         if box is not None:  # the box centre first: the anchor when the prompts do not fit one crop
             placement = [tuple(np.add(box[0], box[1]) / 2), *box, *placement]
-        geometry, fits = place_crop(affine, shape, placement, preset.crop_size, preset.spacing_mm)
+        geometry, fits = place_crop(affine, shape, placement, preset.crop_size, spacing)
         if not fits:
             anchor = "box centre" if box is not None else "first foreground click"
             notes.append(

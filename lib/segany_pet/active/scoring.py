@@ -34,8 +34,9 @@ SCORE_KEYS = ("cross_prompt_disagreement", "cross_prompt_entropy", "cross_prompt
 
 def scoring_predictor(model) -> Predictor:
     """A Predictor for scoring: one window per prompt (a target larger than a crop is rare, and a ranking
-    signal need not follow it: 1.5-4x faster per target), a small embedding cache (one scan at a time)."""
-    return Predictor(model, max_windows=1, cache_size=4)
+    signal need not follow it: 1.5-4x faster per target), a small embedding cache (one scan at a time), and
+    the preset's spacing alone (a scale ensemble would double the cost of a ranking)."""
+    return Predictor(model, max_windows=1, cache_size=4, scale_ensemble=False)
 
 
 def file_stamp(path: str | os.PathLike | None) -> str:

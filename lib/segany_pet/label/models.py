@@ -120,6 +120,7 @@ class ServedModel:
         if predictor is not None:
             model = predictor.model
             record["preset"] = model.preset.name
+            record["crop_spacings_mm"] = list(predictor.spacings)
             record["inference_dtype"] = model.inference_dtype
             if model.initialised_keys:
                 record["initialised_keys"] = list(model.initialised_keys)

@@ -39,9 +39,13 @@ class Preset:
     # Channels of the detail encoder (0: none, as published): convolutions over the crop at the low-res
     # logits' grid whose features join the decoder's upscaled ones (see DetailEncoder3D).
     detail_width: int = 0
+    # Further voxel sizes the predictor reads each object at (a scale ensemble): their logits are averaged on
+    # the stored grid with those at spacing_mm. Inference only: training crops stay at spacing_mm.
+    ensemble_spacings_mm: tuple[float, ...] = ()
 
     def __post_init__(self):
         object.__setattr__(self, "global_attn_indexes", tuple(int(i) for i in self.global_attn_indexes))
+        object.__setattr__(self, "ensemble_spacings_mm", tuple(float(s) for s in self.ensemble_spacings_mm))
         problems = []
         if self.crop_size % self.patch_size:
             problems.append(f"crop_size {self.crop_size} is not a multiple of patch_size {self.patch_size}")
@@ -53,6 +57,9 @@ class Preset:
             problems.append(f"prompt_dim {self.prompt_dim} is not a multiple of 24")
         if self.detail_width < 0:
             problems.append(f"detail_width {self.detail_width} must not be negative")
+        if any(s <= 0 or s == self.spacing_mm for s in self.ensemble_spacings_mm):
+            problems.append(f"ensemble_spacings_mm {list(self.ensemble_spacings_mm)} must be positive and differ "
+                            f"from spacing_mm {self.spacing_mm}")
         if problems:
             raise ValueError(f"invalid preset {self.name!r}: " + "; ".join(problems))
 
@@ -70,6 +77,7 @@ class Preset:
         """Plain Python values (JSON- and weights_only-safe)."""
         record = dataclasses.asdict(self)
         record["global_attn_indexes"] = list(self.global_attn_indexes)
+        record["ensemble_spacings_mm"] = list(self.ensemble_spacings_mm)
         return record
 
     @classmethod
@@ -98,7 +106,9 @@ PRESETS: dict[str, Preset] = {
     # to the upscaled features): validation Dice after one click 0.17 / 0.32 / 0.20 over the first three epochs
     # of 150 steps against 0.24 / 0.28 / 0.29 without it, at 1.3x the step time. A detail encoder (8 channels
     # at the logits' 3 mm grid, zero-initialised) grafted onto the trained model instead did help: the shipped
-    # file was fine-tuned that way (model/README.md).
+    # file was fine-tuned that way (model/README.md). It is served with 1.25 mm crops beside the 1.5 mm ones
+    # (ensemble_spacings_mm): on 206 tuning lesions, Dice after 1 / 3 / 5 clicks 0.756 / 0.824 / 0.835
+    # against 0.739 / 0.808 / 0.820 at 1.5 mm alone.
     "segany_pet_small": Preset(
         name="segany_pet_small",
         crop_size=64,
@@ -116,6 +126,7 @@ PRESETS: dict[str, Preset] = {
         decoder_mlp_dim=1024,
         iou_head_hidden=256,
         detail_width=8,
+        ensemble_spacings_mm=(1.25,),
     ),
 }
 

@@ -256,7 +256,8 @@ def noise_report(point_model: Sam3D, box_model: Sam3D, cases: list[TrainingCase]
     the label are left to those objects. Objects the label misses entirely are not looked for here (the
     active-learning scoring does that).
     """
-    point, box = Predictor(point_model, max_windows=1, cache_size=2), Predictor(box_model, max_windows=1, cache_size=2)
+    point, box = (Predictor(replica, max_windows=1, cache_size=2, scale_ensemble=False)
+                  for replica in (point_model, box_model))
     thresholds = {"agreement_threshold": config.cpcl_agreement_threshold,
                   "uncertainty_threshold": config.cpcl_uncertainty_threshold,
                   "uncertain_weight": config.cpcl_uncertain_weight, "self_correction": config.cpcl_self_correction}

@@ -299,15 +299,16 @@ class Trainer:
 
     def _fine_tuning_preset(self, loaded: Preset, wanted: Preset) -> Preset:
         """The preset to fine-tune a loaded model with: the configuration's, when it differs from the file's at
-        most in the crop's voxel size (the same weights trained on crops of another scale)."""
+        most in the crop's voxel sizes (the same weights trained on crops of another scale, or served with
+        another scale ensemble)."""
         differing = [f.name for f in dataclasses.fields(Preset) if getattr(loaded, f.name) != getattr(wanted, f.name)]
-        if set(differing) - {"spacing_mm"}:
+        if set(differing) - {"spacing_mm", "ensemble_spacings_mm"}:
             raise UserInputError(
                 f"init_checkpoint {self.config.init_checkpoint} is preset {loaded.name!r}, but the configuration "
                 f"asks for {wanted.name!r} (differing in {', '.join(differing)}); drop 'preset' or choose a "
                 "matching checkpoint"
             )
-        if differing:
+        if "spacing_mm" in differing:
             log.info("fine-tuning %s on crops of %g mm (the file's preset: %g mm)", self.config.init_checkpoint,
                      wanted.spacing_mm, loaded.spacing_mm)
         return wanted
@@ -414,11 +415,12 @@ class Trainer:
     # Validation
 
     def validate(self, cases: list[TrainingCase]) -> dict:
-        """Interactive metrics on held-out cases through a fresh Predictor (the real inference path)."""
+        """Interactive metrics on held-out cases through a fresh Predictor (the real inference path, at the
+        spacing the crops are trained at: a preset's scale ensemble is judged by `segany-pet evaluate`)."""
         config = self.config
         started = time.perf_counter()
         predictor = Predictor(self.model, device=self.context.device, cache_size=64,
-                              max_windows=config.val_max_windows)
+                              max_windows=config.val_max_windows, scale_ensemble=False)
         rng = np.random.default_rng(config.seed)
         results = []
         try:
