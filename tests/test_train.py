@@ -412,8 +412,9 @@ def test_fine_tuning_from_a_published_style_checkpoint(tmp_path, records, monkey
     with pytest.raises(ValueError, match="asks for 'segany_pet_small'"):
         Trainer(config(tmp_path / "clash", preset="segany_pet_small", init_checkpoint=str(tmp_path / "published.pth")),
                 records).run()
-    # The same architecture on crops of another voxel size is a fine-tuning choice, not a clash.
-    finer = dataclasses.replace(TINY, spacing_mm=TINY.spacing_mm * 0.8)
+    # The same architecture on crops of another voxel size, or served with a scale ensemble, is a fine-tuning
+    # choice, not a clash.
+    finer = dataclasses.replace(TINY, spacing_mm=TINY.spacing_mm * 0.8, ensemble_spacings_mm=(TINY.spacing_mm,))
     Trainer(config(tmp_path / "finer", preset=finer.to_dict(), init_checkpoint=str(tmp_path / "published.pth"),
                    epochs=1), records).run()
     assert load_checkpoint(tmp_path / "finer" / MODEL_BEST).preset == finer
