@@ -62,6 +62,7 @@ class ServedModel:
         return self.path
 
     def start_loading(self) -> None:
+        self._loading = True  # from now on, not after the thread is scheduled: /info may ask at once
         threading.Thread(target=self._load_quietly, name=f"load {self.path.name}", daemon=True).start()
 
     def _load_quietly(self) -> None:
@@ -75,6 +76,7 @@ class ServedModel:
             path = self.current_path()
             mtime = _mtime(path)
             if self._predictor is not None and (path, mtime) == self._loaded:
+                self._loading = False
                 return self._predictor
             self._loading = True
             started = time.perf_counter()
@@ -85,15 +87,16 @@ class ServedModel:
                         "(see model/README.md) or choose another with --conf model <file>"
                     )
                 model = load_checkpoint(path)
+                # Set before "loading" clears, so /info never sees a load that ended with nothing to show.
+                self._predictor = Predictor(model, dtype=self.dtype, cache_size=self.cache_size)
+                self._loaded = (path, mtime)
+                self._error = None
             except CheckpointError as exc:
                 self._error = str(exc)
                 logger.error("model not served: %s", exc)
                 raise ModelUnavailableError(f"model unavailable: {exc}") from exc
             finally:
                 self._loading = False
-            self._predictor = Predictor(model, dtype=self.dtype, cache_size=self.cache_size)
-            self._loaded = (path, mtime)
-            self._error = None
             seconds = time.perf_counter() - started
             logger.info("serving %s (preset %s), loaded in %.2f s", path, model.preset.name, seconds)
             return self._predictor
