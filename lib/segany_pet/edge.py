@@ -9,10 +9,9 @@ it inside the mask grown by ``MARGIN_VOXELS``. A region that leaks into an organ
 fails that test and the model's own mask stands.
 
 The methods: ``relative_41`` and ``relative_50``, the EANM guideline's 41% (or 50%) of the SUVmax; and
-``adaptive_41``, which tries 41% of the SUVmax first and, when that region strays outside the model's mask,
-41% of the way from the local background to the SUVmax, the background being the median SUV
-``BACKGROUND_SHELL_MM`` outside the model's mask: a lesion only 2-4 times as hot as the tissue around it has
-its 41% threshold near the tissue's own SUV, and the region floods it.
+``adaptive_41``, 41% of the way from the local background to the SUVmax, the background being the median SUV
+``BACKGROUND_SHELL_MM`` outside the model's mask. Without that correction a lesion only 2-4 times as hot as
+the tissue around it has its threshold near the tissue's own SUV, and the region floods it.
 
 Measured on 12 synthetic tuning phantoms (seed 1, separate from the training and test cohorts;
 model/README.md), mean Dice after one click: with v1, the edge 0.610 -> 0.694 (touching an organ 0.572 ->
@@ -27,8 +26,7 @@ from scipy import ndimage
 
 from segany_pet.evaluate.baselines import regions_from_clicks
 
-# Edge method: (the threshold rule of `segany_pet.evaluate.baselines`, whether a region straying outside the
-# model's mask is tried again with the threshold measured from the background).
+# Edge method: (the threshold rule of `segany_pet.evaluate.baselines`, whether it is measured from the background).
 EDGE_METHODS = {"adaptive_41": ("relative_41", True), "relative_41": ("relative_41", False),
                 "relative_50": ("relative_50", False)}
 MARGIN_VOXELS = 2
@@ -50,7 +48,7 @@ def snap_to_uptake(
     region: tuple[slice, slice, slice] | None,
     foreground,
     background=(),
-    method: str = "relative_41",
+    method: str = "adaptive_41",
 ) -> tuple[tuple[slice, slice, slice] | None, bool]:
     """Replace ``mask`` (in place) by the uptake region of the lesion clicks where it agrees with the mask.
 
@@ -62,22 +60,8 @@ def snap_to_uptake(
         raise ValueError(f"edge method {method!r} is not one of {', '.join(EDGE_METHODS)}")
     if region is None or not foreground or not mask[region].any():
         return region, False
-    rule, retry_from_background = EDGE_METHODS[method]
-    snapped = _uptake_within_mask(suv, spacing, mask, region, foreground, background, rule, 0.0)
-    if snapped is None and retry_from_background:
-        background_suv = background_around(suv, spacing, mask, region)
-        snapped = _uptake_within_mask(suv, spacing, mask, region, foreground, background, rule, background_suv)
-    if snapped is None:
-        return region, False
-    work, lesion = snapped
-    mask[work] = lesion
-    (tight,) = ndimage.find_objects(lesion.astype(np.uint8))
-    return tuple(slice(w.start + t.start, w.start + t.stop) for w, t in zip(work, tight, strict=True)), True
-
-
-def _uptake_within_mask(suv, spacing, mask, region, foreground, background, rule, background_suv):
-    """The threshold region of the lesion clicks, holes filled, over a box ``work`` holding it and the mask, as
-    ``(work, region)``; None when it is empty or strays outside the mask."""
+    rule, from_background = EDGE_METHODS[method]
+    background_suv = background_around(suv, spacing, mask, region) if from_background else 0.0
     grown = regions_from_clicks(suv, spacing, foreground, background, rule, peak_prominence=PEAK_PROMINENCE,
                                 background_suv=background_suv)
     boxes = [click_region.box for click_region in grown] + [region]
@@ -86,16 +70,19 @@ def _uptake_within_mask(suv, spacing, mask, region, foreground, background, rule
     for click_region in grown:
         local = tuple(slice(b.start - w.start, b.stop - w.start) for b, w in zip(click_region.box, work, strict=True))
         uptake[local] |= click_region.mask
-    if not uptake.any():
-        return None
     model_mask = mask[work] != 0
+    if not uptake.any():
+        return region, False
     (model_box,) = ndimage.find_objects(model_mask.astype(np.uint8))
     model_box = tuple(slice(max(s.start - MARGIN_VOXELS, 0), s.stop + MARGIN_VOXELS) for s in model_box)
     near_model = np.zeros_like(model_mask)
     near_model[model_box] = ndimage.binary_dilation(model_mask[model_box], _FACE_NEIGHBOURS, iterations=MARGIN_VOXELS)
     if np.count_nonzero(uptake & near_model) < INSIDE_SHARE * np.count_nonzero(uptake):
-        return None
-    return work, ndimage.binary_fill_holes(uptake)
+        return region, False
+    lesion = ndimage.binary_fill_holes(uptake)
+    mask[work] = lesion
+    (tight,) = ndimage.find_objects(lesion.astype(np.uint8))
+    return tuple(slice(w.start + t.start, w.start + t.stop) for w, t in zip(work, tight, strict=True)), True
 
 
 def background_around(suv: np.ndarray, spacing, mask: np.ndarray, region: tuple[slice, slice, slice]) -> float:
