@@ -43,22 +43,6 @@ def test_relative_threshold_follows_the_local_suvmax():
     assert suv[region.box][grown].min() >= region.threshold
 
 
-def test_background_correction_measures_the_threshold_from_the_background():
-    faint = ((30, 30, 20), 5, 3.0)  # twice its surroundings: 41% of the SUVmax lies below them
-    suv = blurred_spheres([faint], background=1.5)
-    (plain,) = regions_from_clicks(suv, SPACING, [[30, 30, 20]], method="relative_41")
-    (corrected,) = regions_from_clicks(suv, SPACING, [[30, 30, 20]], method="relative_41", background_suv=1.5)
-    assert corrected.threshold == pytest.approx(1.5 + 0.41 * (float(suv.max()) - 1.5))
-    assert plain.voxels > 0.9 * suv.size  # the plain threshold floods the background
-    far = np.indices(SHAPE) - np.array(faint[0]).reshape(3, 1, 1, 1)
-    assert corrected.voxels > 0 and not corrected.mask[(far**2).sum(axis=0) > 9**2].any()
-
-
-def test_a_background_suv_that_is_not_a_number_is_refused():
-    with pytest.raises(UserInputError, match="background SUV"):
-        regions_from_clicks(blurred_spheres([LESION]), SPACING, [[30, 30, 20]], background_suv=float("nan"))
-
-
 def test_click_near_the_maximum_or_below_threshold_gives_the_same_region():
     suv = blurred_spheres([LESION])
     centre = segment_from_clicks(suv, SPACING, [[30, 30, 20]])

@@ -5,7 +5,7 @@
     segany-pet serve --studies DIR [--port 8000] [--conf key value ...]
     segany-pet demo [--dir demo] [--cases 12] [--port 8000]
     segany-pet train --images DIR --labels DIR --out DIR [...]     (python -m segany_pet.train --help)
-    segany-pet evaluate --model FILE --cohort DIR --out DIR [--clicks 5] [--edge adaptive_41]
+    segany-pet evaluate --model FILE --cohort DIR --out DIR [--clicks 5] [--edge relative_41]
     segany-pet score STUDIES [--model FILE] [--box-model FILE] [--force]     (also under torchrun)
     segany-pet audit STUDIES --out DIR [--top 20]
     segany-pet suv DICOM_DIR OUT.nii.gz [--norm bw|lbm|bsa]     (one PET DICOM series -> SUV NIfTI, QIBA rules)
@@ -278,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
     evaluate.add_argument("--no-autopet", action="store_true", help="skip the autoPET IV protocol")
     evaluate.add_argument("--edge", choices=["model", *EDGE_METHODS], default="model",
                           help="mask boundary: the model's own (default), or snapped to the lesion's uptake as the "
-                               "app does (adaptive_41)")
+                               "app does (relative_41)")
     evaluate.set_defaults(run=_evaluate)
 
     score = commands.add_parser(

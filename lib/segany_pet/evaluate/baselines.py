@@ -19,9 +19,6 @@ Choices, each a compromise a human annotator makes too:
   prominent peak (a hot organ, a second lesion: its top at least that share of the SUVmax above the saddle
   between them) is cut at the SUV's watershed lines, keeping the clicked peak's side, before the SUVmax is
   refined, so the neighbour sets neither the region nor its threshold.
-- Background correction (optional, ``background_suv``; the app's uptake edge uses it): a relative threshold
-  lies that share of the way from the local background to the SUVmax, bg + p (SUVmax - bg), so a
-  low-contrast lesion's threshold stays above the tissue around it.
 - Size guard: growth is confined to a box of ``max_extent_mm`` (150 mm) centred on the click, so a
   fixed 2.5 threshold touching the liver cannot flood the body; a region cut by that box says so in its
   note. Working in that box also keeps each click fast on a whole-body grid.
@@ -118,13 +115,11 @@ def regions_from_clicks(
     search_radius_mm: float = SEARCH_RADIUS_MM,
     max_extent_mm: float = MAX_EXTENT_MM,
     peak_prominence: float | None = None,
-    background_suv: float = 0.0,
 ) -> list[ClickRegion]:
     """One :class:`ClickRegion` per lesion click, with the threshold used and a note when it failed.
 
-    ``peak_prominence`` (a share of the SUVmax): cut each region from neighbouring peaks at least that prominent;
-    ``background_suv``: the SUV a relative threshold is measured from (the module's notes). The defaults grow the
-    classical region."""
+    ``peak_prominence`` (a share of the SUVmax): cut each region from neighbouring peaks at least that prominent
+    (the module's notes); None grows the classical region."""
     suv = np.asarray(suv)
     if suv.ndim != 3:
         raise UserInputError(f"SUV image must be 3D, got shape {suv.shape}")
@@ -133,8 +128,6 @@ def regions_from_clicks(
     spacing = tuple(float(s) for s in spacing)
     if len(spacing) != 3 or not all(s > 0 for s in spacing):
         raise UserInputError(f"voxel spacing {spacing!r} must be three positive sizes in mm")
-    if not np.isfinite(background_suv):
-        raise UserInputError(f"background SUV {background_suv!r} must be a finite number")
     lesion_clicks = parse_clicks(foreground, suv.shape, "lesion")
     background_clicks = parse_clicks(background, suv.shape, "background")
     if not lesion_clicks:
@@ -145,14 +138,12 @@ def regions_from_clicks(
             f"click {list(min(both))} is both a lesion and a background click; remove one of them"
         )
     return [
-        _grow(suv, spacing, click, background_clicks, _RULES[method], search_radius_mm, max_extent_mm, peak_prominence,
-              float(background_suv))
+        _grow(suv, spacing, click, background_clicks, _RULES[method], search_radius_mm, max_extent_mm, peak_prominence)
         for click in lesion_clicks
     ]
 
 
-def _grow(suv, spacing, click, background, rule, search_radius_mm, max_extent_mm, peak_prominence,
-          background_suv) -> ClickRegion:
+def _grow(suv, spacing, click, background, rule, search_radius_mm, max_extent_mm, peak_prominence) -> ClickRegion:
     box = _box_around(click, suv.shape, spacing, max_extent_mm)
     origin = np.array([s.start for s in box])
     crop = suv[box]
@@ -164,11 +155,7 @@ def _grow(suv, spacing, click, background, rule, search_radius_mm, max_extent_mm
     ]
     peak_voxel, peak = _local_max(crop, seed_click, spacing, search_radius_mm)
     kind, value = rule
-
-    def relative(suvmax):
-        return background_suv + value * (suvmax - background_suv)
-
-    threshold = relative(peak) if kind == "relative" else value
+    threshold = value * peak if kind == "relative" else value
 
     def result(mask, note=""):
         return ClickRegion(click, box, mask, peak, threshold, note)
@@ -215,7 +202,7 @@ def _grow(suv, spacing, click, background, rule, search_radius_mm, max_extent_mm
     if kind == "relative":
         for _ in range(_MAX_REFINEMENTS):
             hottest = float(crop[region].max())
-            refined = relative(hottest)
+            refined = value * hottest
             seed = seed_at(threshold)
             if hottest <= peak or refined <= threshold:
                 break

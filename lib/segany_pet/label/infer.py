@@ -32,7 +32,7 @@ RESULT_EXTENSIONS = (".nii.gz", ".nii", ".nrrd")
 # Where a mask's boundary comes from (segany_pet.edge): the model's own, or the lesion's uptake where they agree.
 MODEL_EDGE = "model"
 EDGES = (MODEL_EDGE, *EDGE_METHODS)
-DEFAULT_EDGE = "adaptive_41"
+DEFAULT_EDGE = "relative_41"
 # What OHIF v3's MONAI Label panel adds to every point-prompt request (its wire format, for clients and tests).
 OHIF_RESULT_PARAMS = {
     "result_extension": ".nrrd",
@@ -264,9 +264,8 @@ class PromptableSegmentationInfer(InferTask):
     the same image is the mask prompt of the next click (``reset: true`` starts over; ``refine: true``
     insists on a previous result and fails if there is none). Without a client id every request stands
     alone, so anonymous annotators never share state. ``edge``: where the mask's boundary comes from,
-    ``adaptive_41`` (default: the lesion's uptake above 41% of the way from its background to its SUVmax, where
-    it agrees with the model, `segany_pet.edge`), ``relative_41`` or ``relative_50`` (41% or 50% of the SUVmax,
-    the EANM guideline's), or ``model`` (the model's mask as it is); the reply's ``edge`` says which one was used.
+    ``relative_41`` (default: the lesion's 41% SUVmax uptake where it agrees with the model, `segany_pet.edge`),
+    ``relative_50``, or ``model`` (the model's mask as it is); the reply's ``edge`` says which one was used.
     """
 
     def __init__(
