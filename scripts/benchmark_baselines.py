@@ -29,7 +29,7 @@ ORGANS = {name: label for label, name in ORGAN_NAMES.items() if name in ("bladde
 CUT = f"saddle cut {PEAK_PROMINENCE:g}"
 # (row name, method, peak prominence): the classical methods, then the relative ones cut at saddles.
 VARIANTS = [(method, method, None) for method in METHODS] + [
-    (f"{method}, {CUT}", method, PEAK_PROMINENCE) for method in METHODS if method.startswith("relative")
+    (f"{method}, {CUT}", method, PEAK_PROMINENCE) for method in METHODS if not method.startswith("fixed")
 ]
 
 

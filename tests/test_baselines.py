@@ -4,6 +4,7 @@ from scipy import ndimage
 
 from segany_pet.errors import PromptError, UserInputError
 from segany_pet.evaluate import METHODS, regions_from_clicks, segment_from_clicks
+from segany_pet.evaluate.baselines import SIZED_FULL_ML, SIZED_MAX_FRACTION, sized_fraction
 
 SPACING = (2.0, 2.0, 2.0)
 SHAPE = (60, 60, 40)
@@ -41,6 +42,33 @@ def test_relative_threshold_follows_the_local_suvmax():
     assert region.threshold == pytest.approx(0.41 * float(suv.max()))
     grown = region.mask
     assert suv[region.box][grown].min() >= region.threshold
+
+
+def sphere_dice(mask, centre, radius):
+    inside = sum((g - c) ** 2 for g, c in zip(np.indices(SHAPE), centre, strict=True)) <= radius**2
+    return 2 * np.count_nonzero(mask & inside) / (np.count_nonzero(mask) + np.count_nonzero(inside))
+
+
+def test_sized_threshold_tightens_small_lesions_and_leaves_large_ones_at_41_percent():
+    small = ((30, 30, 20), 3, 10.0)  # 1 mL: blurred, its 41% region is a third too large
+    suv = blurred_spheres([small], sigma_voxels=1.5)
+    r41 = segment_from_clicks(suv, SPACING, [[30, 30, 20]], method="relative_41")
+    sized = segment_from_clicks(suv, SPACING, [[30, 30, 20]], method="sized_41")
+    (region,) = regions_from_clicks(suv, SPACING, [[30, 30, 20]], method="sized_41")
+    volume_41 = np.count_nonzero(r41) * np.prod(SPACING) / 1000
+    assert region.threshold == pytest.approx(sized_fraction(volume_41) * float(suv.max()))
+    assert 0.41 < sized_fraction(volume_41) <= SIZED_MAX_FRACTION
+    assert np.all(r41[sized == 1] == 1) and 0 < sized.sum() < r41.sum()
+    assert sphere_dice(sized == 1, *small[:2]) > sphere_dice(r41 == 1, *small[:2]) + 0.1
+
+    large = ((30, 30, 20), 8, 10.0)  # 17 mL
+    suv = blurred_spheres([large], sigma_voxels=1.5)
+    assert np.array_equal(
+        segment_from_clicks(suv, SPACING, [[30, 30, 20]], method="sized_41"),
+        segment_from_clicks(suv, SPACING, [[30, 30, 20]], method="relative_41"),
+    )
+    assert sized_fraction(SIZED_FULL_ML) == sized_fraction(10 * SIZED_FULL_ML) == 0.41
+    assert sized_fraction(1e-3) == SIZED_MAX_FRACTION
 
 
 def test_click_near_the_maximum_or_below_threshold_gives_the_same_region():
@@ -172,7 +200,7 @@ def test_unknown_method_lists_the_available_ones():
     suv = blurred_spheres([LESION])
     with pytest.raises(UserInputError, match="relative_41"):
         segment_from_clicks(suv, SPACING, [[30, 30, 20]], method="otsu")
-    assert set(METHODS) == {"relative_41", "relative_50", "fixed_2.5", "fixed_4.0"}
+    assert set(METHODS) == {"relative_41", "relative_50", "sized_41", "fixed_2.5", "fixed_4.0"}
 
 
 def test_region_grows_through_voxels_touching_only_at_corners():

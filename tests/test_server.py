@@ -50,7 +50,7 @@ def test_info_lists_the_threshold_model(server):
     assert model["type"] == "deepgrow"
     assert model["labels"] == {"lesion": 1}
     assert model["config"]["method"][0] == "relative_41"
-    assert set(model["config"]["method"]) == {"relative_41", "relative_50", "fixed_2.5", "fixed_4.0"}
+    assert set(model["config"]["method"]) == {"relative_41", "relative_50", "sized_41", "fixed_2.5", "fixed_4.0"}
     assert model["config"]["saddle_cut"] is False
 
 

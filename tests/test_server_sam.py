@@ -106,11 +106,11 @@ def test_python_client_gets_the_label_and_its_params_from_memory_as_from_a_file(
 def test_edge_is_chosen_per_click_and_reported(server, scan):
     case, centre = scan
     models = MONAILabelClient(server).info()["models"]
-    assert models[MODEL]["config"]["edge"] == ["relative_41", "model", "relative_50"]
+    assert models[MODEL]["config"]["edge"] == ["sized_41", "model", "relative_41", "relative_50"]
     reply = infer(server, MODEL, case, {"foreground": [centre], "edge": "model"}).json()
     assert reply["edge"] == "model" and "edge" in reply["latencies"]
     default = infer(server, MODEL, case, {"foreground": [centre]}).json()
-    assert default["edge"] in ("model", "relative_41")  # random weights: the uptake may disagree with the mask
+    assert default["edge"] in ("model", "sized_41")  # random weights: the uptake may disagree with the mask
     response = infer(server, MODEL, case, {"foreground": [centre], "edge": "sharp"})
     assert response.status_code == 422 and "edge" in response.json()["detail"]
 

@@ -37,7 +37,7 @@ class SegAnyPETApp(MONAILabelApp):
     - ``model``: checkpoint in ``model/`` (or a path) served as ``segany_pet``: this project's default
       model, a SAM-Med3D or a SegAnyPET file (default ``segany_pet_small.pt``);
     - ``inference_dtype``: ``float32`` (default) or ``bfloat16`` for the image encoder;
-    - ``threshold_method``: default of ``suv_threshold`` (relative_41, relative_50, fixed_2.5, fixed_4.0);
+    - ``threshold_method``: default of ``suv_threshold`` (relative_41, relative_50, sized_41, fixed_2.5, fixed_4.0);
     - ``volume_cache``: scans kept in memory (4); ``sessions``: annotator sessions kept (64);
     - ``lease_minutes``: how long a scan served by ``disagreement`` / ``label_review`` stays with its
       annotator (30);

@@ -278,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
     evaluate.add_argument("--no-autopet", action="store_true", help="skip the autoPET IV protocol")
     evaluate.add_argument("--edge", choices=["model", *EDGE_METHODS], default="model",
                           help="mask boundary: the model's own (default), or snapped to the lesion's uptake as the "
-                               "app does (relative_41)")
+                               "app does (sized_41)")
     evaluate.set_defaults(run=_evaluate)
 
     score = commands.add_parser(

@@ -12,6 +12,11 @@ Choices, each a compromise a human annotator makes too:
   lesion vanish.
 - Seed: the click, or the local-max voxel when the click itself is below the threshold. A fixed
   threshold above the local SUVmax gives an empty region for that click, with a note saying why.
+- Small lesions (``sized_41``): blurred by the scanner, a lesion narrower than a few PSF widths spreads its
+  uptake beyond its edge, so its 41% region is too large (the partial-volume effect behind volume-dependent
+  threshold curves calibrated on sphere phantoms). The fraction rises with each halving of the 41% region's
+  volume below ``SIZED_FULL_ML``; it never rises above the clicked voxel's own SUV, so a click on a lesion's
+  faint rim stays in its region.
 - Background clicks: while a region holds one, its threshold rises in steps of 1 % of the local SUVmax
   (the lowest such step that excludes it, found by bisection since a higher threshold only shrinks the
   region); if only the local SUVmax itself would exclude it, the region is left empty.
@@ -43,12 +48,14 @@ log = logging.getLogger(__name__)
 METHODS = {
     "relative_41": "41% of the lesion SUVmax (EANM guideline)",
     "relative_50": "50% of the lesion SUVmax",
+    "sized_41": "41% of the lesion SUVmax, raised for small regions (partial volume)",
     "fixed_2.5": "fixed threshold SUV >= 2.5",
     "fixed_4.0": "fixed threshold SUV >= 4.0",
 }
 _RULES = {
     "relative_41": ("relative", 0.41),
     "relative_50": ("relative", 0.50),
+    "sized_41": ("sized", 0.41),
     "fixed_2.5": ("fixed", 2.5),
     "fixed_4.0": ("fixed", 4.0),
 }
@@ -56,6 +63,12 @@ SEARCH_RADIUS_MM = 10.0
 MAX_EXTENT_MM = 150.0
 THRESHOLD_STEP = 0.01  # background-click threshold increments, as a fraction of the local SUVmax
 _MAX_REFINEMENTS = 10
+# sized_41: below SIZED_FULL_ML the threshold fraction rises by SIZED_STEP per halving of the 41% region's
+# volume, up to SIZED_MAX_FRACTION (0.51 at 1 mL). Chosen on the tuning phantoms (one click, the app's edge): the
+# curve is flat near here (full 3-6 mL, step 0.05-0.075, cap 0.55-0.65 within 0.003 of each other).
+SIZED_FULL_ML = 4.0
+SIZED_STEP = 0.05
+SIZED_MAX_FRACTION = 0.6
 
 
 @dataclass
@@ -155,7 +168,8 @@ def _grow(suv, spacing, click, background, rule, search_radius_mm, max_extent_mm
     ]
     peak_voxel, peak = _local_max(crop, seed_click, spacing, search_radius_mm)
     kind, value = rule
-    threshold = value * peak if kind == "relative" else value
+    relative = kind in ("relative", "sized")
+    threshold = value * peak if relative else value
 
     def result(mask, note=""):
         return ClickRegion(click, box, mask, peak, threshold, note)
@@ -199,7 +213,7 @@ def _grow(suv, spacing, click, background, rule, search_radius_mm, max_extent_mm
     if peak_prominence is not None:
         region = _peak_basin(crop, region, seed_at(threshold), peak_prominence * peak)
 
-    if kind == "relative":
+    if relative:
         for _ in range(_MAX_REFINEMENTS):
             hottest = float(crop[region].max())
             refined = value * hottest
@@ -211,6 +225,16 @@ def _grow(suv, spacing, click, background, rule, search_radius_mm, max_extent_mm
             peak, threshold = hottest, refined
             region = _component(crop, seed, threshold, within=region) & region
 
+    if kind == "sized" and region.any():
+        raised = sized_fraction(np.count_nonzero(region) * float(np.prod(spacing)) / 1000.0) * peak
+        if region[seed_click]:
+            # A click on a lesion's faint rim (a correction) stays in its own region.
+            raised = min(raised, float(crop[seed_click]))
+        if raised > threshold:
+            threshold = raised
+            seed = seed_click if region[seed_click] else _hottest(crop, region)
+            region = _component(crop, seed, threshold, within=region) & region
+
     note = ""
     if _cut_by_box(region, box, suv.shape):
         note = (
@@ -218,6 +242,19 @@ def _grow(suv, spacing, click, background, rule, search_radius_mm, max_extent_mm
             "there: it probably leaks into an organ; add a background click or use a relative threshold"
         )
     return result(region, note)
+
+
+def sized_fraction(volume_ml: float) -> float:
+    """The share of SUVmax that ``sized_41`` thresholds a region at, from the volume of its 41% region."""
+    if volume_ml >= SIZED_FULL_ML:
+        return 0.41
+    halvings = np.log2(SIZED_FULL_ML / max(volume_ml, 1e-6))
+    return float(min(0.41 + SIZED_STEP * halvings, SIZED_MAX_FRACTION))
+
+
+def _hottest(crop, region) -> tuple[int, int, int]:
+    values = np.where(region, crop, -np.inf)
+    return tuple(int(x) for x in np.unravel_index(int(np.argmax(values)), crop.shape))
 
 
 def _box_around(click, shape, spacing, extent_mm) -> tuple[slice, slice, slice]:

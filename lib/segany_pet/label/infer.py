@@ -32,7 +32,7 @@ RESULT_EXTENSIONS = (".nii.gz", ".nii", ".nrrd")
 # Where a mask's boundary comes from (segany_pet.edge): the model's own, or the lesion's uptake where they agree.
 MODEL_EDGE = "model"
 EDGES = (MODEL_EDGE, *EDGE_METHODS)
-DEFAULT_EDGE = "relative_41"
+DEFAULT_EDGE = "sized_41"
 # What OHIF v3's MONAI Label panel adds to every point-prompt request (its wire format, for clients and tests).
 OHIF_RESULT_PARAMS = {
     "result_extension": ".nrrd",
@@ -128,8 +128,8 @@ def summary(params: dict) -> str:
 class SUVThresholdInfer(InferTask):
     """Seeded SUV threshold segmentation from clicks: the classical baseline annotators know.
 
-    A click grows the region above 41% (or 50%) of the local SUVmax, or above a fixed SUV,
-    connected to the click; background clicks cut neighbouring hot spots away. ``saddle_cut: true`` also
+    A click grows the region above 41% (or 50%) of the local SUVmax (``sized_41``: raised for lesions under
+    4 mL), or above a fixed SUV, connected to the click; background clicks cut neighbouring hot spots away. ``saddle_cut: true`` also
     cuts the region from a neighbouring peak (the bladder, a kidney, another lesion) at the SUV's saddle
     between them, as the uptake edge of ``segany_pet`` does; off by default, so the answer is the
     guideline's method as published.
@@ -264,8 +264,9 @@ class PromptableSegmentationInfer(InferTask):
     the same image is the mask prompt of the next click (``reset: true`` starts over; ``refine: true``
     insists on a previous result and fails if there is none). Without a client id every request stands
     alone, so anonymous annotators never share state. ``edge``: where the mask's boundary comes from,
-    ``relative_41`` (default: the lesion's 41% SUVmax uptake where it agrees with the model, `segany_pet.edge`),
-    ``relative_50``, or ``model`` (the model's mask as it is); the reply's ``edge`` says which one was used.
+    ``sized_41`` (default: the lesion's 41% SUVmax uptake, raised for small lesions, where it agrees with the
+    model, `segany_pet.edge`), ``relative_41``, ``relative_50``, or ``model`` (the model's mask as it is); the
+    reply's ``edge`` says which one was used.
     """
 
     def __init__(
