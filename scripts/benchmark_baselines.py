@@ -1,8 +1,8 @@
 """Dice of the classical seeded threshold methods on synthetic lesions, isolated vs touching an organ.
 
 One click per lesion at its centre (the autoPET IV lesion click: deepest voxel of the lesion),
-each method grown from it, scored against that lesion alone. The relative thresholds are grown a second
-time cut from hotter neighbours at the saddle (``peak_prominence``, as the app's uptake edge grows them),
+each method grown from it, scored against that lesion alone. The relative thresholds (41%, 50%, sized) are
+grown a second time cut from hotter neighbours at the saddle (``peak_prominence``, as the app's uptake edge grows them),
 and every row is timed on a click at the hottest voxel of each case's bladder and brain too (a region as
 large as an organ: the worst case of the cut).
 

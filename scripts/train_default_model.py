@@ -13,7 +13,7 @@ Stages (each reusable: cohorts and the training resume when the script is run ag
 4. the interactive benchmark on the test cohort: Dice after 1, 3, 5 clicks per lesion, FPV, FNV, the classical
    baselines from the same first click, lesions touching an organ vs isolated, and the autoPET IV protocol;
    written as OUT/<preset>_eval.{md,json,png}. The model's own masks: the app's uptake edge is measured on the
-   same cohort by ``segany-pet evaluate --edge relative_41`` (model/README.md).
+   same cohort by ``segany-pet evaluate --edge sized_41`` (model/README.md).
 
 --preset takes a preset name or a JSON file of Preset fields (to try a preprocessing before it becomes a preset).
 """
