@@ -50,7 +50,7 @@ def sphere_dice(mask, centre, radius):
 
 
 def test_sized_threshold_tightens_small_lesions_and_leaves_large_ones_at_41_percent():
-    small = ((30, 30, 20), 3, 10.0)  # 1 mL: blurred, its 41% region is a third too large
+    small = ((30, 30, 20), 3, 10.0)  # 1 mL: blurred, its 41% region is 40% too large
     suv = blurred_spheres([small], sigma_voxels=1.5)
     r41 = segment_from_clicks(suv, SPACING, [[30, 30, 20]], method="relative_41")
     sized = segment_from_clicks(suv, SPACING, [[30, 30, 20]], method="sized_41")
@@ -69,6 +69,19 @@ def test_sized_threshold_tightens_small_lesions_and_leaves_large_ones_at_41_perc
     )
     assert sized_fraction(SIZED_FULL_ML) == sized_fraction(10 * SIZED_FULL_ML) == 0.41
     assert sized_fraction(1e-3) == SIZED_MAX_FRACTION
+
+
+def test_sized_threshold_keeps_a_click_on_the_faint_rim_in_its_region():
+    suv = blurred_spheres([((30, 30, 20), 2, 10.0)], sigma_voxels=1.5)
+    (centre,) = regions_from_clicks(suv, SPACING, [[30, 30, 20]], method="sized_41")
+    rim = (30, 30, 23)  # above 41% of the SUVmax, below the raised threshold
+    assert 0.41 * suv.max() <= suv[rim] < centre.threshold
+    from_centre = segment_from_clicks(suv, SPACING, [[30, 30, 20]], method="sized_41")
+    from_rim = segment_from_clicks(suv, SPACING, [rim], method="sized_41")
+    assert from_centre[rim] == 0 and from_rim[rim] == 1
+    assert np.all(from_rim[from_centre == 1] == 1) and from_rim.sum() > from_centre.sum()
+    (region,) = regions_from_clicks(suv, SPACING, [rim], method="sized_41")
+    assert region.threshold == pytest.approx(float(suv[rim]))
 
 
 def test_click_near_the_maximum_or_below_threshold_gives_the_same_region():

@@ -129,8 +129,8 @@ class SUVThresholdInfer(InferTask):
     """Seeded SUV threshold segmentation from clicks: the classical baseline annotators know.
 
     A click grows the region above 41% (or 50%) of the local SUVmax (``sized_41``: raised for lesions under
-    4 mL), or above a fixed SUV, connected to the click; background clicks cut neighbouring hot spots away. ``saddle_cut: true`` also
-    cuts the region from a neighbouring peak (the bladder, a kidney, another lesion) at the SUV's saddle
+    4 mL), or above a fixed SUV, connected to the click; background clicks cut neighbouring hot spots away.
+    ``saddle_cut: true`` also cuts the region from a neighbouring peak (the bladder, a kidney, another lesion) at the SUV's saddle
     between them, as the uptake edge of ``segany_pet`` does; off by default, so the answer is the
     guideline's method as published.
     """
