@@ -16,7 +16,9 @@ of the server, as the OHIF panel sends it: the browser accepts zstd and decodes 
 Python ``requests`` accepting zstd, deflate, or neither (``Accept-Encoding: identity``: the raw label, the
 path before replies were compressed), and over ``http.client`` (the transport of MONAI Label's Python
 client, raw). Last, the reply's encodings on their own, in this process, on each scan's raw reply: zlib
-over the whole body, `deflate_sparse` and `zstd_encode`, and decoding each.
+over the whole body, `deflate_sparse` and `zstd_encode`, and decoding each; and Chromium's own floor: the same
+reply, precomputed, fetched from a bare static server (Python's ``http.server``) raw, in zstd and in deflate, so
+the browser's cost of handing a body of that size to the page is measured apart from the app's.
 
     .venv/bin/python scripts/benchmark_server.py [--starts 3] [--warm 5] [--sam PRESET | --model FILE]
 """
@@ -35,9 +37,11 @@ import socket
 import statistics
 import subprocess
 import tempfile
+import threading
 import time
 import urllib.parse
 import zlib
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import requests
@@ -162,8 +166,9 @@ def _median_seconds(function, repeats: int):
     return statistics.median(runs), result
 
 
-def encoding_row(url: str, model: str, name: str, voxel: list[int], repeats: int = 3) -> str:
-    """The reply's encodings alone, in this process: encoding and decoding time and size of each."""
+def encoding_row(url: str, model: str, name: str, voxel: list[int], repeats: int = 3) -> tuple[str, bytes]:
+    """The reply's encodings alone, in this process: encoding and decoding time and size of each (a table row),
+    and the raw reply."""
     body = requests.post(f"{url}/infer/{model}", params={"image": name, "output": "image"},
                          data={"params": ohif_params(voxel)}, headers={"Accept-Encoding": "identity"},
                          timeout=300).content
@@ -178,7 +183,63 @@ def encoding_row(url: str, model: str, name: str, voxel: list[int], repeats: int
         decode_seconds, decoded = _median_seconds(lambda: decode(encoded), repeats)  # noqa: B023 (called at once)
         assert decoded == body
         cells.append(f"{encode_seconds:.4f} / {decode_seconds:.4f} s ({len(encoded) / 1e3:.0f} kB)")
-    return f"| {name} | {len(body) / 1e6:.1f} MB | " + " | ".join(cells) + " |"
+    return f"| {name} | {len(body) / 1e6:.1f} MB | " + " | ".join(cells) + " |", body
+
+
+STATIC_FETCHES = """async ([path, count]) => {
+    const seconds = [];
+    for (let i = 0; i < count; i++) {
+        const started = performance.now();
+        const reply = await fetch(path, {cache: "no-store"});
+        await reply.arrayBuffer();
+        seconds.push((performance.now() - started) / 1000);
+    }
+    return seconds;
+}"""
+
+
+def serve_static(bodies: dict[str, tuple[bytes, str | None]]) -> ThreadingHTTPServer:
+    """A bare HTTP server in a thread answering ``GET /<name>`` with ``bodies[name]`` (bytes, Content-Encoding)
+    and ``/`` with an empty page to fetch from."""
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args):
+            pass
+
+        def do_GET(self):  # noqa: N802 (http.server's name)
+            page = self.path == "/"
+            body, coding = (b"<html></html>", None) if page else bodies.get(self.path.strip("/"), (b"", None))
+            self.send_response(200 if page or self.path.strip("/") in bodies else 404)
+            self.send_header("Content-Type", "text/html" if page else "application/octet-stream")
+            if coding:
+                self.send_header("Content-Encoding", coding)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+def static_fetch_seconds(browser, body: bytes, rounds: int) -> dict[str, float]:
+    """Median seconds for Chromium to fetch ``body`` into an ArrayBuffer from a static server, per coding."""
+    bodies = {"raw": (body, None), "zstd": (zstd_encode(body), "zstd"), "deflate": (deflate_sparse(body), "deflate")}
+    server = serve_static(bodies)
+    page = browser.new_page()
+    try:
+        page.goto(f"http://127.0.0.1:{server.server_address[1]}/")
+        runs = {name: [] for name in bodies}
+        for _ in range(rounds):  # interleaved, as the clicks are
+            for name in bodies:
+                runs[name] += page.evaluate(STATIC_FETCHES, [f"/{name}", 1])
+        return {name: statistics.median(seconds) for name, seconds in runs.items()}
+    finally:
+        page.close()
+        server.shutdown()
+        server.server_close()
 
 
 def main() -> None:
@@ -235,6 +296,7 @@ def main() -> None:
                       + (f" predictor warm (s): in-process / stages | warm click / predictor: {clients} |"
                          if sam else ""))
                 print("|---|---|---|---|---|---|---|" + ("---|---|" if sam else ""))
+                predictor_medians = {}
                 for name, (voxel, shape) in clicks.items():
                     cold, _ = click(url, model, name, voxel)
                     # output=image is OHIF's request (the label file alone); output=all adds the reply params
@@ -269,15 +331,26 @@ def main() -> None:
                            f"{warm:.3f} | {cold / chromium:.1f} | {server_side} |")
                     if sam:
                         stages = statistics.median(sum(lat[p] for p in predictor_parts) for _, lat in warm_runs)
-                        in_process = statistics.median(predictor_runs)
+                        in_process = predictor_medians[name] = statistics.median(predictor_runs)
                         row += (f" {in_process:.3f} / {stages:.3f} | "
                                 + " / ".join(f"{t / in_process:.1f}x" for t in warm_ohif) + " |")
                     print(row)
                 print(f"\n| scan | raw reply | encode / decode: zlib level {DEFLATE_LEVEL}, whole body | "
                       f"deflate_sparse | zstd level {ZSTD_LEVEL} |")
                 print("|---|---|---|---|---|")
+                bodies = {}
                 for name, (voxel, _) in clicks.items():
-                    print(encoding_row(url, model, name, voxel))
+                    row, bodies[name] = encoding_row(url, model, name, voxel)
+                    print(row)
+                print("\n| scan | Chromium fetching the same reply from a static server (s): raw / zstd / deflate |"
+                      + (" its floor: (predictor + zstd fetch) / predictor |" if sam else ""))
+                print("|---|---|" + ("---|" if sam else ""))
+                for name, body in bodies.items():
+                    floor = static_fetch_seconds(browser, body, max(args.warm, 5))
+                    row = f"| {name} | " + " / ".join(f"{seconds:.3f}" for seconds in floor.values()) + " |"
+                    if sam:
+                        row += f" {(predictor_medians[name] + floor['zstd']) / predictor_medians[name]:.1f}x |"
+                    print(row)
             finally:
                 browser.close()
                 process.terminate()
