@@ -11,10 +11,13 @@ uptake edge included; embeddings cached), so REST overhead = click / predictor. 
 click per client plus one through the predictor, so that each ratio compares clicks made side by side. The
 predictor's stages as the server reports them (crop + encode + decode + paste + edge) are shown next to it.
 
-OHIF's warm click is timed five ways side by side: from Debian's headless Chromium (``fetch`` from a page
-of the server, as the OHIF panel sends it: the browser accepts zstd and decodes the reply natively), from
+OHIF's warm click is timed seven ways side by side: from Debian's headless Chromium (``fetch`` from a page
+of the server, as the OHIF panel sends it: the browser accepts zstd and decodes the reply natively), from the
+same page through the project's OHIF add-on (``ohif_label_box.js``: an XMLHttpRequest as the panel's axios
+sends it, answered with the mask's box and filled in to the whole label in the page: "label box"), from
 Python ``requests`` accepting zstd, deflate, or neither (``Accept-Encoding: identity``: the raw label, the
-path before replies were compressed), and over ``http.client`` (the transport of MONAI Label's Python
+path before replies were compressed) or asking for the mask's box and rebuilding the file (`nrrd_from_label_box`),
+and over ``http.client`` (the transport of MONAI Label's Python
 client, raw). Last, the reply's encodings on their own, in this process, on each scan's raw reply: zlib
 over the whole body, `deflate_sparse` and `zstd_encode`, and decoding each; and Chromium's own floor: the same
 reply, precomputed, fetched from a bare static server (Python's ``http.server``) raw, in zstd and in deflate, so
@@ -44,16 +47,18 @@ import zlib
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import numpy as np
 import requests
 import torch
 from backports import zstd
 from playwright.sync_api import sync_playwright
 
+import segany_pet.label
 from segany_pet.cli import server_command, server_environment
 from segany_pet.label.infer import DEFAULT_EDGE, OHIF_RESULT_PARAMS
-from segany_pet.label.server import DEFLATE_LEVEL, ZSTD_LEVEL, deflate_sparse, zstd_encode
+from segany_pet.label.server import DEFLATE_LEVEL, LABEL_BOX_HEADER, ZSTD_LEVEL, deflate_sparse, zstd_encode
 from segany_pet.model import PRESETS, build_model, load_checkpoint, save_checkpoint
-from segany_pet.pet import load_nifti, save_nifti
+from segany_pet.pet import load_nifti, nrrd_from_label_box, save_nifti
 from segany_pet.phantom import generate_case
 from segany_pet.predictor import Predictor
 from segany_pet.prompts import centre_click
@@ -76,6 +81,30 @@ BROWSER_CLICKS = """async ([path, params, count]) => {
     }
     return seconds;
 }"""
+
+
+# The same click as the OHIF panel's axios sends it (XMLHttpRequest, FormData, an ArrayBuffer reply), with the
+# project's OHIF add-on in the page (it asks for the mask's box and fills the whole label in), timed until the
+# panel would hold the whole label.
+BROWSER_LABEL_BOX_CLICKS = """async ([path, params, count]) => {
+    const seconds = [];
+    for (let i = 0; i < count; i++) {
+        const form = new FormData();
+        form.append("params", params);
+        const started = performance.now();
+        const label = await new Promise((resolve, reject) => {
+            const request = new XMLHttpRequest();
+            request.open("POST", path);
+            request.responseType = "arraybuffer";
+            request.onloadend = () => request.status === 200 ? resolve(request.response)
+                : reject(new Error(`infer answered ${request.status}`));
+            request.send(form);
+        });
+        seconds.push([(performance.now() - started) / 1000, label.byteLength]);
+    }
+    return seconds;
+}"""
+LABEL_BOX_ADDON = Path(segany_pet.label.__file__).with_name("ohif_label_box.js")
 
 
 def free_port() -> int:
@@ -101,8 +130,8 @@ def start_server(studies: Path, log_path: Path, conf=()) -> tuple[subprocess.Pop
             time.sleep(0.05)
 
 
-def ohif_params(voxel: list[int]) -> str:
-    return json.dumps({"foreground": [voxel], "background": [], **OHIF_RESULT_PARAMS})
+def ohif_params(voxel: list[int], **extra) -> str:
+    return json.dumps({"foreground": [voxel], "background": [], **OHIF_RESULT_PARAMS, **extra})
 
 
 # Accept-Encoding headers of the timed requests clicks: the reply's coding each one gets.
@@ -122,6 +151,17 @@ def click(url: str, model: str, image: str, voxel: list[int], output: str = "all
         return elapsed, None
     reply_params = json.loads(response.content.split(b"\r\n\r\n", 2)[1].split(b"\r\n--")[0])
     return elapsed, reply_params["latencies"]
+
+
+def label_box_click(url: str, model: str, image: str, voxel: list[int]) -> float:
+    """OHIF's click from ``requests`` asking for the mask's box (``label_box``), the whole NRRD rebuilt from it
+    (`nrrd_from_label_box`): seconds until the client holds the whole file."""
+    started = time.perf_counter()
+    response = requests.post(f"{url}/infer/{model}", params={"image": image, "output": "image"},
+                             data={"params": ohif_params(voxel, label_box=True)}, timeout=300)
+    response.raise_for_status()
+    nrrd_from_label_box(response.content, response.headers[LABEL_BOX_HEADER])
+    return time.perf_counter() - started
 
 
 def http_client_click(url: str, model: str, image: str, voxel: list[int]) -> float:
@@ -147,6 +187,12 @@ def http_client_click(url: str, model: str, image: str, voxel: list[int]) -> flo
 def browser_clicks(page, model: str, image: str, voxel: list[int], count: int) -> list[list[float]]:
     """[seconds to the whole reply, seconds to its headers] of each click."""
     return page.evaluate(BROWSER_CLICKS, [f"/infer/{model}?image={image}&output=image", ohif_params(voxel), count])
+
+
+def browser_label_box_clicks(page, model: str, image: str, voxel: list[int], count: int) -> list[list[float]]:
+    """[seconds to the whole label in the page, its bytes] of each click, through the OHIF add-on."""
+    return page.evaluate(BROWSER_LABEL_BOX_CLICKS,
+                         [f"/infer/{model}?image={image}&output=image", ohif_params(voxel), count])
 
 
 def predictor_click_seconds(predictor: Predictor, volume, volume_id: str, voxel: list[int]) -> float:
@@ -287,9 +333,11 @@ def main() -> None:
             browser = driver.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
             page = browser.new_page()
             page.goto(f"{url}/info/")  # a page of the server's origin, as OHIF's panel is
+            page.add_script_tag(content=LABEL_BOX_ADDON.read_text(encoding="utf-8"))
             try:
                 predictor_parts = ("crop", "encode", "decode", "paste", "edge")
-                clients = " / ".join(["Chromium", *(f"requests {coding}" for coding in CLIENT_ENCODINGS),
+                clients = " / ".join(["Chromium", "Chromium label box", *(f"requests {coding}" for coding in
+                                                                        CLIENT_ENCODINGS), "requests label box",
                                       "http.client raw"])
                 print(f"| scan | shape | cold click (s) | warm OHIF click median (s): {clients} | with params (s) | "
                       "cold / warm | warm server-side (s) |"
@@ -306,20 +354,24 @@ def main() -> None:
                         predictor_click_seconds(predictor, volume, name, voxel)
                     # Rounds of one click per client (and one through the predictor), so that every column
                     # is measured under the same conditions, side by side.
-                    in_browser, clients_runs, warm_runs, predictor_runs = [], [], [], []
+                    in_browser, boxed, clients_runs, warm_runs, predictor_runs = [], [], [], [], []
                     for _ in range(args.warm):
                         in_browser += browser_clicks(page, model, name, voxel, 1)
+                        boxed += browser_label_box_clicks(page, model, name, voxel, 1)
                         clients_runs.append(
                             [click(url, model, name, voxel, "image", encoding)[0]
                              for encoding in CLIENT_ENCODINGS.values()]
-                            + [http_client_click(url, model, name, voxel)]
+                            + [label_box_click(url, model, name, voxel), http_client_click(url, model, name, voxel)]
                         )
                         warm_runs.append(click(url, model, name, voxel))
                         if predictor is not None:
                             predictor_runs.append(predictor_click_seconds(predictor, volume, name, voxel))
                     chromium = statistics.median(whole for whole, _ in in_browser)
                     chromium_headers = statistics.median(headers for _, headers in in_browser)
-                    warm_ohif = [chromium] + [statistics.median(column) for column in zip(*clients_runs, strict=True)]
+                    label_bytes = {int(size) for _, size in boxed}
+                    assert len(label_bytes) == 1 and label_bytes.pop() > np.prod(shape), "the add-on's label is cut"
+                    warm_ohif = [chromium, statistics.median(seconds for seconds, _ in boxed)]
+                    warm_ohif += [statistics.median(column) for column in zip(*clients_runs, strict=True)]
                     warm = statistics.median(seconds for seconds, _ in warm_runs)
                     server_side = ", ".join(
                         f"{part} {statistics.median(latencies[part] for _, latencies in warm_runs):.3f}"

@@ -18,6 +18,7 @@ from monailabel.client import MONAILabelClient
 from requests_toolbelt.multipart.decoder import MultipartDecoder
 
 from segany_pet.label.infer import OHIF_RESULT_PARAMS
+from segany_pet.pet import nrrd_from_label_box
 from support import LARGE_SCAN, case_truth, read_nrrd
 
 pytestmark = pytest.mark.server
@@ -76,6 +77,27 @@ def test_ohif_label_sent_from_memory_matches_the_label_written_to_a_file(server,
         np.testing.assert_array_equal(memory_header[field], file_header[field])
     np.testing.assert_array_equal(memory_mask, file_mask)
     assert from_memory.headers["content-disposition"].endswith('.nrrd"')
+
+
+def test_label_box_sends_the_mask_box_alone_where_the_whole_file_is_sent_from_memory(server, scan):
+    case, centre = scan
+    click = {"foreground": [centre], "background": [], "edge": "model", **OHIF_RESULT_PARAMS}
+    whole = infer(server, MODEL, case, click, "image")
+    boxed = infer(server, MODEL, case, {**click, "label_box": True}, "image")
+    assert whole.status_code == boxed.status_code == 200, (whole.text, boxed.text)
+    assert "x-label-box" not in whole.headers
+    box = boxed.headers["x-label-box"]
+    assert "X-Label-Box" in boxed.headers["access-control-expose-headers"]
+    size = np.prod([int(n) for n in box.split()[3:]])
+    assert 0 < size < read_nrrd(whole.content)[1].size / 10
+    assert nrrd_from_label_box(boxed.content, box) == whole.content
+    # A preference: where the label is not sent alone from memory, the whole file comes as asked, unmarked.
+    for params, output in (({**click, "label_box": "true"}, "all"), ({**click, "label_box": True,
+                                                                       "result_compress": True}, "image")):
+        reply = infer(server, MODEL, case, params, output)
+        assert reply.status_code == 200 and "x-label-box" not in reply.headers, reply.text
+    wrong = infer(server, MODEL, case, {**click, "label_box": "maybe"}, "image")
+    assert wrong.status_code == 422 and "label_box must be true or false" in wrong.json()["detail"]
 
 
 def test_python_client_gets_the_label_and_its_params_from_memory_as_from_a_file(server, scan, tmp_path):

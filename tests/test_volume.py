@@ -11,7 +11,7 @@ import pytest
 
 from segany_pet.errors import InvalidImageError, PromptError
 from segany_pet.label.infer import parse_roi
-from segany_pet.pet import VolumeCache, load_nifti, mask_nrrd, save_mask
+from segany_pet.pet import VolumeCache, load_nifti, mask_nrrd, mask_nrrd_box, nrrd_from_label_box, save_mask
 
 OBLIQUE = np.array([[0.0, -2.0, 0.0, 10.0], [3.0, 0.0, 0.0, -20.0], [0.0, 0.0, 4.0, 5.0], [0.0, 0.0, 0.0, 1.0]])
 
@@ -88,6 +88,25 @@ def test_nrrd_with_a_nonzero_box_sends_the_empty_stretches_as_shared_zeros(compr
     if not compress:
         assert len(parts) > 4  # header, zero blocks, the box's span, zero blocks
         assert sum(memoryview(part).nbytes for part in parts[1:]) == mask.size
+
+
+def test_a_label_sent_as_its_box_rebuilds_the_whole_file():
+    mask = np.zeros((30, 20, 10), np.uint8, order="F")
+    mask[3:7, 5:9, 2:4] = 1
+    mask[29, 19, 9] = 2  # the box reaches the grid's last voxel
+    box = (slice(3, 30), slice(5, 20), slice(2, 10))
+    parts, where = mask_nrrd_box(mask, OBLIQUE, box)
+    assert where == "3 5 2 27 15 8"
+    body = b"".join(parts)
+    assert len(body) == len(parts[0]) + 27 * 15 * 8  # the whole file's header, the box's voxels
+    assert nrrd_from_label_box(body, where) == b"".join(mask_nrrd(mask, OBLIQUE))
+
+    empty = np.zeros_like(mask)
+    parts, where = mask_nrrd_box(empty, OBLIQUE, None)
+    assert where == "0 0 0 0 0 0"
+    assert nrrd_from_label_box(b"".join(parts), where) == b"".join(mask_nrrd(empty, OBLIQUE))
+    with pytest.raises(ValueError, match="its box"):
+        nrrd_from_label_box(body, "3 5 2 27 15 7")
 
 
 def test_cache_reads_once_and_rereads_a_replaced_file(tmp_path):

@@ -122,7 +122,7 @@ class SegAnyPETApp(MONAILabelApp):
         from monailabel.app import app as fastapi_app
 
         from segany_pet.label.server import (
-            add_ohif_save_button,
+            add_ohif_addons,
             check_and_stop_training,
             check_scoring_requests,
             install_error_handlers,
@@ -138,7 +138,7 @@ class SegAnyPETApp(MONAILabelApp):
         install_error_handlers(fastapi_app)
         serve_infer_off_the_event_loop(fastapi_app, {name: task for name, task in self._infers.items()
                                                      if isinstance(task, PromptableSegmentationInfer)})
-        add_ohif_save_button(fastapi_app)
+        add_ohif_addons(fastapi_app)
         check_and_stop_training(fastapi_app, self._trainers, self.datastore())
         check_scoring_requests(fastapi_app, self._scoring_methods, self.datastore())
         serve_leased_strategies(fastapi_app, self, {"disagreement", "label_review"})

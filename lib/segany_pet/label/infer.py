@@ -22,7 +22,7 @@ from segany_pet.edge import EDGE_METHODS, PEAK_PROMINENCE
 from segany_pet.errors import PromptError, SessionNotFoundError
 from segany_pet.evaluate.baselines import METHODS, segment_from_clicks
 from segany_pet.label.models import ServedModel
-from segany_pet.pet import VolumeCache, mask_nrrd, quantify, save_mask
+from segany_pet.pet import VolumeCache, mask_nrrd, mask_nrrd_box, quantify, save_mask
 from segany_pet.predictor import Prediction, VolumeSession
 
 logger = logging.getLogger(__name__)
@@ -98,14 +98,19 @@ def write_reply(
     return path, _timed(reply, {**latencies, "write": time.perf_counter() - started})
 
 
-def nrrd_reply(volume, mask: np.ndarray, params: dict, latencies: dict, region=None) -> tuple[list, dict]:
-    """`write_reply` for an uncompressed NRRD kept in memory: (the file's parts, see `mask_nrrd`; reply params).
+def nrrd_reply(volume, mask: np.ndarray, params: dict, latencies: dict, region=None,
+               label_box: bool = False) -> tuple[list, dict, str | None]:
+    """`write_reply` for an uncompressed NRRD kept in memory: (the file's parts, see `mask_nrrd`; reply params;
+    None), or with ``label_box`` the header and the voxels of the mask's box alone and the box (`mask_nrrd_box`).
 
     The server sends it without the round trip through a file (an autoPET-sized label is 52 MB)."""
     reply, latencies = _quantified(volume, mask, params, latencies, region)
     started = time.perf_counter()
-    parts = mask_nrrd(mask, volume.affine, nonzero_box=region)
-    return parts, _timed(reply, {**latencies, "write": time.perf_counter() - started})
+    if label_box:
+        parts, box = mask_nrrd_box(mask, volume.affine, region)
+    else:
+        parts, box = mask_nrrd(mask, volume.affine, nonzero_box=region), None
+    return parts, _timed(reply, {**latencies, "write": time.perf_counter() - started}), box
 
 
 def _quantified(volume, mask, params, latencies, region) -> tuple[dict, dict]:
@@ -130,9 +135,9 @@ class SUVThresholdInfer(InferTask):
 
     A click grows the region above 41% (or 50%) of the local SUVmax (``sized_41``: raised for lesions under
     4 mL), or above a fixed SUV, connected to the click; background clicks cut neighbouring hot spots away.
-    ``saddle_cut: true`` also cuts the region from a neighbouring peak (the bladder, a kidney, another lesion) at the SUV's saddle
-    between them, as the uptake edge of ``segany_pet`` does; off by default, so the answer is the
-    guideline's method as published.
+    ``saddle_cut: true`` also cuts the region from a neighbouring peak (the bladder, a kidney, another
+    lesion) at the SUV's saddle between them, as the uptake edge of ``segany_pet`` does; off by default, so
+    the answer is the guideline's method as published.
     """
 
     def __init__(self, default_method: str = "relative_41", volumes: VolumeCache | None = None):
@@ -299,12 +304,12 @@ class PromptableSegmentationInfer(InferTask):
         logger.info("%s for %s: %s", reply["model"], request.get("client_id") or "anonymous", summary(reply))
         return path, reply
 
-    def nrrd_reply(self, request: dict) -> tuple[list, dict]:
+    def nrrd_reply(self, request: dict, label_box: bool = False) -> tuple[list, dict, str | None]:
         """The answer as an uncompressed NRRD in memory (`nrrd_reply`), for the server to send directly."""
         volume, prediction, params, latencies = self._predict(request)
-        parts, reply = nrrd_reply(volume, prediction.mask, params, latencies, prediction.region)
+        parts, reply, box = nrrd_reply(volume, prediction.mask, params, latencies, prediction.region, label_box)
         logger.info("%s for %s: %s", reply["model"], request.get("client_id") or "anonymous", summary(reply))
-        return parts, reply
+        return parts, reply, box
 
     def _predict(self, request: dict) -> tuple[Any, Prediction, dict, dict]:
         started = time.perf_counter()

@@ -1,6 +1,6 @@
 """Server glue: project errors become 4xx answers that tell the client what to fix; infer runs off the event loop
-and large replies go compressed; the bundled OHIF gets a Save label button; training requests are checked before
-they start and stop cleanly."""
+and large replies go compressed; the bundled OHIF gets a Save label button and labels sent as the mask's box;
+training requests are checked before they start and stop cleanly."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from fastapi.routing import APIRoute
 from monailabel.interfaces.exception import MONAILabelError, MONAILabelException
 
 from segany_pet.errors import UserInputError
-from segany_pet.label.infer import result_format
+from segany_pet.label.infer import flag, result_format
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +33,7 @@ logger = logging.getLogger(__name__)
 # against 243 kB in deflate, which counts on a remote annotator's link, and Python decodes it in 0.06 s
 # against 0.08 s; on loopback Chromium's clicks measured alike (scripts/benchmark_server.py).
 ENCODE_MINIMUM_BYTES = 64 * 1024
+LABEL_BOX_HEADER = "X-Label-Box"  # "i0 j0 k0 ni nj nk" of a label_box reply (segany_pet.pet.mask_nrrd_box)
 ZSTD_LEVEL = 1
 # deflate_sparse: chunks of this many zero bytes are spliced in precompressed; zlib level of the others.
 # 64 kB rather than 1 MB: a lesion's slab of slices then leaves fewer zeros to compress (measured: 1.0 against
@@ -102,24 +103,28 @@ def _add_route_first(app: FastAPI, path: str, endpoint, **options) -> None:
     app.router.routes.insert(0, app.router.routes.pop())
 
 
-def add_ohif_save_button(app: FastAPI) -> None:
-    """Serve the bundled OHIF's ``app-config.js`` with ``ohif_save_label.js`` after it: a "Save label" button
-    that stores the MONAI Label panel's segmentation as the series' final label (OHIF's MONAI Label mode has
-    none). OHIF loads app-config.js first on every page, so the add-on needs no rebuilt viewer."""
+# Scripts served after the bundled OHIF's app-config.js, which OHIF loads first on every page: add-ons that
+# need no rebuilt viewer. A "Save label" button storing the MONAI Label panel's segmentation as the series'
+# final label (OHIF's MONAI Label mode has none), and the panel's labels sent as the mask's box.
+OHIF_ADDONS = ("ohif_save_label.js", "ohif_label_box.js")
+
+
+def add_ohif_addons(app: FastAPI) -> None:
+    """Serve the bundled OHIF's ``app-config.js`` with the ``OHIF_ADDONS`` after it."""
     from monailabel.config import settings
     from monailabel.endpoints import ohif
 
     app_config = Path(ohif.__file__).parent / "static" / "ohif" / "app-config.js"
-    addon = Path(__file__).with_name("ohif_save_label.js")
     if not app_config.exists():
-        logger.warning("%s not found: OHIF is served without the Save label button", app_config)
+        logger.warning("%s not found: OHIF is served without the project's add-ons", app_config)
         return
 
-    def app_config_with_save_button():
-        script = app_config.read_text(encoding="utf-8") + "\n" + addon.read_text(encoding="utf-8")
+    def app_config_with_addons():
+        scripts = [app_config, *(Path(__file__).with_name(name) for name in OHIF_ADDONS)]
+        script = "\n".join(path.read_text(encoding="utf-8") for path in scripts)
         return Response(content=script, media_type="application/javascript", headers={"Cache-Control": "no-cache"})
 
-    _add_route_first(app, settings.MONAI_LABEL_API_STR + "/ohif/app-config.js", app_config_with_save_button,
+    _add_route_first(app, settings.MONAI_LABEL_API_STR + "/ohif/app-config.js", app_config_with_addons,
                      methods=["GET"], include_in_schema=False)
 
 
@@ -234,7 +239,9 @@ def infer_stored_image(background_tasks, model: str, image: str, params: str, ou
     An uncompressed ``.nrrd`` label from a task in ``nrrd_tasks`` (what OHIF asks for, with ``output=image``;
     Python clients may ask for it with the reply params too) comes from memory (its ``nrrd_reply``) as
     ``(parts, media type, headers)``, not through a result file: writing an autoPET-sized label and reading it
-    back cost 0.12 s a click (py-spy over scripts/benchmark_server.py)."""
+    back cost 0.12 s a click (py-spy over scripts/benchmark_server.py). With ``label_box: true`` such a file
+    sent alone (output=image) holds the header and the voxels of the mask's box, and the ``X-Label-Box``
+    header says where the box sits (`segany_pet.pet.mask_nrrd_box`; the bundled OHIF's add-on asks for it)."""
     from monailabel.endpoints import infer as infer_endpoint
     from monailabel.interfaces.utils.app import app_instance
 
@@ -242,14 +249,21 @@ def infer_stored_image(background_tasks, model: str, image: str, params: str, ou
     request = {"model": model, "image": image, **(json.loads(params) if params else {})}
     logger.info("Infer Request: %s", request)
     task = nrrd_tasks.get(model)
-    if task is not None and output in (None, "image", "all") and result_format(request) == (".nrrd", False) \
-            and not request.get("save_label"):
+    from_memory = task is not None and output in (None, "image", "all") \
+        and result_format(request) == (".nrrd", False) and not request.get("save_label")
+    # A preference, as Accept-Encoding is: honoured where the label file alone comes from memory, and said so
+    # by the reply's X-Label-Box header; elsewhere the whole file comes as asked.
+    label_box = flag(request, "label_box", default=False)
+    if from_memory:
         if not os.path.exists(image):  # as MONAILabelApp.infer: an image id, not a path, becomes the file
             request["image"] = instance.datastore().get_image_uri(image)
-        parts, reply = task.nrrd_reply(request)
+        parts, reply, box = task.nrrd_reply(request, label_box and output == "image")
         filename = f"{model}_label.nrrd"
         if output == "image":
-            return parts, "application/octet-stream", _disposition(filename)
+            headers = _disposition(filename)
+            if box is not None:  # readable by a page of another origin too (OHIF served elsewhere)
+                headers |= {LABEL_BOX_HEADER: box, "Access-Control-Expose-Headers": LABEL_BOX_HEADER}
+            return parts, "application/octet-stream", headers
         parts, media_type = multipart_reply(reply, filename, parts)
         return parts, media_type, {}
     result = instance.infer(request)

@@ -2,7 +2,16 @@
 
 from segany_pet.pet.dicom import SUVConversion, read_pet_series, suv_conversion
 from segany_pet.pet.quantify import label_lesions, quantify
-from segany_pet.pet.volume import PETVolume, VolumeCache, load_nifti, mask_nrrd, save_mask, save_nifti
+from segany_pet.pet.volume import (
+    PETVolume,
+    VolumeCache,
+    load_nifti,
+    mask_nrrd,
+    mask_nrrd_box,
+    nrrd_from_label_box,
+    save_mask,
+    save_nifti,
+)
 
 __all__ = [
     "PETVolume",
@@ -13,6 +22,8 @@ __all__ = [
     "quantify",
     "read_pet_series",
     "mask_nrrd",
+    "mask_nrrd_box",
+    "nrrd_from_label_box",
     "save_mask",
     "save_nifti",
     "suv_conversion",

@@ -140,20 +140,6 @@ def mask_nrrd(mask: np.ndarray, affine: np.ndarray, compress: bool = False, nonz
     scripts/benchmark_server.py: 0.22 -> 0.16 s).
     """
     mask = np.asfortranarray(mask, dtype=np.uint8)
-    header = "".join(
-        f"{field}: {value}\n"
-        for field, value in (
-            ("type", "uint8"),
-            ("dimension", 3),
-            ("space", "right-anterior-superior"),
-            ("sizes", " ".join(str(n) for n in mask.shape)),
-            # NRRD lists one direction vector per axis: the affine's columns
-            ("space directions", nrrd.format_matrix(affine[:3, :3].T)),
-            ("kinds", "domain domain domain"),
-            ("encoding", "gzip" if compress else "raw"),
-            ("space origin", nrrd.format_vector(affine[:3, 3])),
-        )
-    )
     flat = mask.ravel(order="F")
     voxels = [flat.data]
     if nonzero_box is not None:
@@ -166,7 +152,55 @@ def mask_nrrd(mask: np.ndarray, affine: np.ndarray, compress: bool = False, nonz
     if compress:
         compressor = zlib.compressobj(1, zlib.DEFLATED, zlib.MAX_WBITS | 16)
         voxels = [b"".join([compressor.compress(part) for part in voxels] + [compressor.flush()])]
-    return [f"NRRD0004\n{header}\n".encode("ascii"), *voxels]
+    return [_nrrd_header(mask.shape, affine, compress), *voxels]
+
+
+def mask_nrrd_box(mask: np.ndarray, affine: np.ndarray, nonzero_box) -> tuple[list, str]:
+    """A label as the NRRD of `mask_nrrd` (uncompressed) with only its box's voxels: (parts, the box).
+
+    The parts are the whole file's header followed by the voxels of ``nonzero_box`` (slices holding every
+    non-zero voxel; None for an empty mask) in Fortran order; the box is ``"i0 j0 k0 ni nj nk"`` (its first
+    voxel and its size; all zero for an empty mask). `nrrd_from_label_box` rebuilds the whole file from the
+    two. For a browser, receiving a 52 MB label costs more than the model's whole click, and filling it in from
+    the box in the page almost nothing (scripts/benchmark_server.py; OHIF's add-on ohif_label_box.js).
+    """
+    header = _nrrd_header(mask.shape, affine, compress=False)
+    if nonzero_box is None:
+        return [header], "0 0 0 0 0 0"
+    block = np.asfortranarray(mask[tuple(nonzero_box)], dtype=np.uint8)
+    box = " ".join(str(n) for n in [*(s.start for s in nonzero_box), *block.shape])
+    return [header, block.ravel(order="F").data], box
+
+
+def nrrd_from_label_box(body: bytes, box: str) -> bytearray:
+    """The whole NRRD file of a `mask_nrrd_box` reply (``body``: header and box voxels; ``box`` as it gives)."""
+    i0, j0, k0, ni, nj, nk = (int(n) for n in box.split())
+    header_end = body.index(b"\n\n") + 2
+    sizes = next(line for line in body[:header_end].decode("ascii").splitlines() if line.startswith("sizes:"))
+    shape = tuple(int(n) for n in sizes.split(":", 1)[1].split())
+    block = np.frombuffer(body, dtype=np.uint8, offset=header_end)
+    if block.size != ni * nj * nk:
+        raise ValueError(f"the reply holds {block.size} voxels after its header; its box {box!r} has {ni * nj * nk}")
+    whole = bytearray(header_end + int(np.prod(shape)))  # zeros, written in place: no copy of a 52 MB file
+    whole[:header_end] = body[:header_end]
+    mask = np.frombuffer(whole, dtype=np.uint8, offset=header_end).reshape(shape, order="F")
+    mask[i0:i0 + ni, j0:j0 + nj, k0:k0 + nk] = block.reshape((ni, nj, nk), order="F")
+    return whole
+
+
+def _nrrd_header(shape, affine: np.ndarray, compress: bool) -> bytes:
+    fields = (
+        ("type", "uint8"),
+        ("dimension", 3),
+        ("space", "right-anterior-superior"),
+        ("sizes", " ".join(str(n) for n in shape)),
+        # NRRD lists one direction vector per axis: the affine's columns
+        ("space directions", nrrd.format_matrix(affine[:3, :3].T)),
+        ("kinds", "domain domain domain"),
+        ("encoding", "gzip" if compress else "raw"),
+        ("space origin", nrrd.format_vector(affine[:3, 3])),
+    )
+    return ("NRRD0004\n" + "".join(f"{field}: {value}\n" for field, value in fields) + "\n").encode("ascii")
 
 
 class VolumeCache:
