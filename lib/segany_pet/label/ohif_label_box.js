@@ -2,7 +2,7 @@
 //
 // OHIF's MONAI Label panel asks for the whole label as an uncompressed NRRD (output=image): 3.9 MB on a 4 mm
 // whole-body scan, 52 MB on an autoPET-sized one. Handing a body that large to the page costs Chromium 0.05 s
-// and 0.24 s whoever serves it, up to twice the model's own click (scripts/benchmark_server.py); filling the
+// and 0.2-0.24 s whoever serves it, up to twice the model's own click (scripts/benchmark_server.py); filling the
 // same file in from the mask's box costs a few milliseconds. So this script adds `label_box: true` to the
 // panel's NRRD infer requests, and when the reply says it holds the box alone (its X-Label-Box header,
 // "i0 j0 k0 ni nj nk": the box's first voxel and size), hands the panel the whole file rebuilt from it: the
@@ -80,7 +80,13 @@
               return reply;
             }
             if (whole === null) {
-              whole = wholeLabel(reply, box);
+              try {
+                whole = wholeLabel(reply, box);
+              } catch (error) {
+                // a throw here would leave the panel's request unsettled: hand it the reply, which it will refuse
+                console.error("SegAnyPET label box:", error);
+                whole = reply;
+              }
             }
             return whole;
           },
