@@ -112,6 +112,26 @@ def test_a_detail_encoder_grafted_onto_a_checkpoint_starts_as_the_file_and_then_
     assert load_checkpoint(path).preset == TINY
 
 
+def test_a_detail_encoder_widened_for_fine_tuning_starts_as_the_file_and_its_new_channels_learn(tmp_path):
+    narrow = dataclasses.replace(TINY, detail_width=2)
+    model = randomise(build_model(narrow), seed=5)
+    path = save_checkpoint(model, tmp_path / "narrow.pth")
+    widened = load_checkpoint(path, detail_width=5)
+    assert widened.preset == dataclasses.replace(TINY, detail_width=5)
+    assert set(widened.initialised_keys) == {k for k in widened.state_dict() if k.startswith("detail_encoder.")}
+    for got, expected in zip(outputs(widened, narrow), outputs(model, narrow), strict=True):
+        assert torch.allclose(got, expected, rtol=0, atol=1e-5)
+    first = widened.detail_encoder.convs[0].weight
+    assert first[2:].abs().min() > 0  # the new channels start from a fresh initialisation, not zero ...
+    with torch.no_grad():
+        widened.detail_encoder.convs[-1].weight[:, 2:] = 0.5  # ... and count once their output weights move
+    assert (outputs(widened, narrow)[0] - outputs(model, narrow)[0]).abs().max() > 1e-3
+    # Asking for the file's width or a narrower one loads the file as it is.
+    for width in (1, 2):
+        same = load_checkpoint(path, detail_width=width)
+        assert same.preset == narrow and same.initialised_keys == ()
+
+
 def test_own_checkpoint_must_be_complete(tmp_path):
     model = build_model(TINY)
     save_checkpoint(model, tmp_path / "own.pth")

@@ -178,15 +178,21 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu",
 
     allow_unsafe_pickle: permit a full (code-running) unpickle of files holding objects beyond tensors and
     argparse.Namespace; with False such files raise CheckpointError.
-    detail_width: give a model that has no detail encoder a new one of this width (`Preset.detail_width`),
-    for fine-tuning; it starts at zero output, so the model answers as the file does.
+    detail_width: give a model that has no detail encoder, or a narrower one, one of this width
+    (`Preset.detail_width`), for fine-tuning; the model answers as the file does (a new encoder's output
+    starts at zero, a widened one's new channels reach the output through zero weights), and the encoder's
+    keys are listed in `initialised_keys` so that training can give them their own learning rate.
     """
     path = Path(path)
     state, preset, extra = _unpack(_read(path, allow_unsafe_pickle), path)
     own = preset is not None
     preset = preset or recognise_preset(state, path)
     may_miss = () if own else BOX_CORNER_KEYS
-    if detail_width and not preset.detail_width:
+    narrower = 0 < preset.detail_width < detail_width
+    if narrower:
+        check_state_dict(state, preset, may_miss, path)
+        kept = {k: state.pop(k) for k in list(state) if k.startswith(DETAIL_PREFIX)}
+    if detail_width > preset.detail_width:
         preset = dataclasses.replace(preset, detail_width=detail_width)
         may_miss += tuple(k for k in expected_shapes(preset) if k.startswith(DETAIL_PREFIX))
     initialised = check_state_dict(state, preset, may_miss, path)
@@ -199,8 +205,10 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu",
     if any(k.startswith(DETAIL_PREFIX) for k in initialised):
         with torch.random.fork_rng():
             torch.manual_seed(0)
-            fresh = detail_encoder(preset)
-        state.update({DETAIL_PREFIX + k: v.to(device) for k, v in fresh.state_dict().items()})
+            fresh = detail_encoder(preset).state_dict()
+        if narrower:
+            fresh = _widened_detail_state({k.removeprefix(DETAIL_PREFIX): v for k, v in kept.items()}, fresh)
+        state.update({DETAIL_PREFIX + k: v.to(device=device, dtype=torch.float32) for k, v in fresh.items()})
     with torch.device("meta"):
         model = Sam3D(preset)
     model.load_state_dict(state, assign=True)
@@ -211,6 +219,19 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu",
                  "untrained for this model", path, ", ".join(k for k in initialised if k in BOX_CORNER_KEYS))
     log.info("loaded checkpoint %s as preset %r", path, preset.name)
     return model.eval()
+
+
+def _widened_detail_state(kept: dict[str, torch.Tensor], fresh: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A wider detail encoder's state that computes what the kept (narrower) one does. Each kept output channel
+    keeps its weights and reads kept inputs only; the last convolution's outputs are all kept ones, so the new
+    channels (freshly initialised) reach the decoder through zero weights until training moves them."""
+    widened = {}
+    for key, value in fresh.items():
+        old, value = kept[key], value.clone()
+        value[: old.shape[0]] = 0
+        value[tuple(slice(0, n) for n in old.shape)] = old
+        widened[key] = value
+    return widened
 
 
 def save_checkpoint(model: Sam3D, path: str | os.PathLike, **extra) -> Path:

@@ -95,7 +95,7 @@ class TrainConfig:
     min_lr_ratio: float = 0.02
     warmup_iterations: int = 50
     weight_decay: float = 0.05
-    # Fine-tuning: parameters the init checkpoint lacks (a grafted detail encoder, a published file's box
+    # Fine-tuning: parameters the init checkpoint lacks (a grafted or widened detail encoder, a published file's box
     # corners) learn at lr times this, so they catch up while the loaded ones move gently.
     fresh_lr_factor: float = 1.0
     # Gradients are clipped to this global norm (0: no clipping).
