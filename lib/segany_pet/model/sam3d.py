@@ -105,11 +105,11 @@ PRESETS: dict[str, Preset] = {
     # intensity path into the decoder (a 16-channel 3^3 convolution at 1.5 mm, strided to the logits' grid, added
     # to the upscaled features): validation Dice after one click 0.17 / 0.32 / 0.20 over the first three epochs
     # of 150 steps against 0.24 / 0.28 / 0.29 without it, at 1.3x the step time. A detail encoder (8 channels
-    # at the logits' 3 mm grid, zero-initialised) grafted onto the trained model instead did help, and widened to
-    # 32 channels helped again (a training step 2.07 s against 1.75 s at 8, measured side by side): the shipped
-    # file was fine-tuned both ways (model/README.md). It is served with 1.25 mm crops beside the 1.5 mm ones
-    # (ensemble_spacings_mm): on 206 tuning lesions, Dice after 1 / 3 / 5 clicks 0.756 / 0.824 / 0.835
-    # against 0.739 / 0.808 / 0.820 at 1.5 mm alone (8 channels).
+    # at the logits' 3 mm grid, zero-initialised) grafted onto the trained model instead did help, and widened
+    # to 32 channels helped again (a step of 3 clicks per crop 2.07 s against 1.75 s at 8, side by side on a
+    # slow day): the shipped file was fine-tuned both ways (model/README.md). It is served with 1.25 mm crops
+    # beside the 1.5 mm ones (ensemble_spacings_mm): on 206 tuning lesions, with 8 channels, Dice after 1 / 3 / 5
+    # clicks 0.756 / 0.824 / 0.835 against 0.739 / 0.808 / 0.820 at 1.5 mm alone.
     "segany_pet_small": Preset(
         name="segany_pet_small",
         crop_size=64,
