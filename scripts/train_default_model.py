@@ -102,6 +102,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="fine-tuning: lr multiplier of the parameters the init checkpoint lacks")
     parser.add_argument("--touching-weight", type=float, default=1.0,
                         help="draw lesions beside hot uptake (an organ) this many times as often as others")
+    parser.add_argument("--hot-spot-share", type=float, default=TrainConfig.hot_spot_share,
+                        help="share of crops clicked on hot non-target uptake with an empty target")
     parser.add_argument("--clicks-per-sample", type=int, default=3, help="decoder iterations per training crop")
     parser.add_argument("--first-click-weight", type=float, default=1.0,
                         help="loss weight of the opening prompt relative to the corrective clicks")
@@ -141,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         epochs=args.epochs, iterations_per_epoch=args.iterations, batch_size=args.batch_size, lr=args.lr,
         fresh_lr_factor=args.fresh_lr_factor,
         clicks_per_sample=args.clicks_per_sample, first_click_weight=args.first_click_weight,
-        touching_weight=args.touching_weight, val_cases=val_cases,
+        touching_weight=args.touching_weight, hot_spot_share=args.hot_spot_share, val_cases=val_cases,
         seed=args.seed, threads=args.threads,
         init_checkpoint=str(args.init_checkpoint) if args.init_checkpoint else None,
         warmup_iterations=min(50, args.epochs * args.iterations // 10),

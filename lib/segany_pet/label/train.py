@@ -50,7 +50,8 @@ SERVER_KEYS = frozenset({"model", "gpus", "local_rank", "device", "multi_gpu"})
 REQUEST_FIELDS = {
     "epochs": int, "iterations_per_epoch": int, "batch_size": int, "lr": float, "warmup_iterations": int,
     "clicks_per_sample": int, "first_click_weight": float, "val_cases": int, "val_clicks": int,
-    "low_tier_weight": float, "touching_weight": float, "seed": int, "threads": int, "cpcl_warmup_epochs": int,
+    "low_tier_weight": float, "touching_weight": float, "hot_spot_share": float, "seed": int, "threads": int,
+    "cpcl_warmup_epochs": int,
     "cpcl_agreement_threshold": float, "cpcl_uncertainty_threshold": float, "cpcl_uncertain_weight": float,
     "cpcl_cross_weight": float, "cpcl_cross_confidence": float, "validate_start_model": bool,
 }
