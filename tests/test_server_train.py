@@ -69,6 +69,7 @@ def test_requests_are_checked_before_a_job_starts(train_server):
     assert no_labels.status_code == 422 and "no labeled images" in no_labels.json()["detail"]
     for params, words in (({"epochs": "many"}, "epochs must be an integer"),
                           ({"epochs": 0}, "epochs must be at least 1"),
+                          ({"hot_spot_share": 1.5}, "hot_spot_share must lie in [0, 1]"),
                           ({"learning_rate": 0.1}, "unknown training option(s) learning_rate"),
                           ({"init": "imagenet"}, "init must be one of")):
         response = start(train_server, params)
