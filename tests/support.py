@@ -62,14 +62,16 @@ def free_port() -> int:
 
 @contextlib.contextmanager
 def running_server(studies: Path, conf: list[tuple[str, object]], log_dir: Path,
-                   auto_reload: bool = False) -> Iterator[str]:
-    """A real MONAI Label server subprocess on 127.0.0.1 serving ``studies``; yields its URL. ``auto_reload``:
-    the datastore follows changes other processes make on disk (MONAI Label's default; off unless needed)."""
+                   auto_reload: bool = False, host: str = "127.0.0.1", env: dict | None = None,
+                   headers: dict | None = None) -> Iterator[str]:
+    """A real MONAI Label server subprocess listening on ``host`` and serving ``studies``; yields its URL on
+    127.0.0.1. ``auto_reload``: the datastore follows changes other processes make on disk (MONAI Label's default;
+    off unless needed); ``env``: more environment variables; ``headers``: sent while waiting for /info/ (a token)."""
     port = free_port()
     log_path = log_dir / "server.log"
-    env = dict(server_environment(), MONAI_LABEL_DATASTORE_AUTO_RELOAD=str(auto_reload).lower())
+    env = dict(server_environment(), MONAI_LABEL_DATASTORE_AUTO_RELOAD=str(auto_reload).lower(), **(env or {}))
     with open(log_path, "w") as log:
-        process = subprocess.Popen(server_command(studies, port=port, conf=conf), stdout=log,
+        process = subprocess.Popen(server_command(studies, port=port, host=host, conf=conf), stdout=log,
                                    stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 180
@@ -77,7 +79,7 @@ def running_server(studies: Path, conf: list[tuple[str, object]], log_dir: Path,
         if process.poll() is not None:
             pytest.fail(f"server exited with {process.returncode}:\n{log_path.read_text()[-4000:]}")
         try:
-            if requests.get(f"{url}/info/", timeout=2).status_code == 200:
+            if requests.get(f"{url}/info/", headers=headers, timeout=2).status_code == 200:
                 break
         except requests.ConnectionError:
             pass

@@ -1,6 +1,7 @@
 """SegAnyPET Label: the MONAI Label app. Wires library pieces to the server; the work is in segany_pet."""
 
 import logging
+import math
 import os
 import threading
 from pathlib import Path
@@ -11,9 +12,9 @@ from monailabel.tasks.activelearning.first import First
 from monailabel.tasks.activelearning.random import Random
 
 import segany_pet
-from segany_pet.errors import UnknownImageError
+from segany_pet.errors import UnknownImageError, UserInputError
 from segany_pet.label.activelearning import CrossPromptScoring, disagreement_strategy, label_review_strategy
-from segany_pet.label.datastore import PETDatastore
+from segany_pet.label.datastore import PETDatastore, checked_name
 from segany_pet.label.dicom_studies import import_dicom_series
 from segany_pet.label.dicom_studies import summary as dicom_import_summary
 from segany_pet.label.dicomweb import PETDICOMWebDatastore, dicomweb_client
@@ -31,6 +32,17 @@ from segany_pet.pet import VolumeCache
 logger = logging.getLogger(__name__)
 
 
+def conf_number(conf: dict, key: str, default: float, low: float, high: float) -> float:
+    """A numeric app option within [low, high]; a clear error at start instead of a server that misbehaves."""
+    try:
+        value = float(conf.get(key, default))
+    except ValueError:
+        value = math.nan
+    if not low <= value <= high:  # NaN fails too
+        raise UserInputError(f"--conf {key} must be a number from {low:g} to {high:g}, not {conf.get(key)!r}")
+    return value
+
+
 class SegAnyPETApp(MONAILabelApp):
     """Conf (``--conf key value``):
 
@@ -42,7 +54,10 @@ class SegAnyPETApp(MONAILabelApp):
     - ``lease_minutes``: how long a scan served by ``disagreement`` / ``label_review`` stays with its
       annotator (30);
     - ``dicomweb_cache``: with a DICOMweb studies URL, where converted series, labels and scores are kept
-      (default ``.segany_pet/dicomweb`` in the app folder).
+      (default ``.segany_pet/dicomweb`` in the app folder);
+    - ``auth_tokens``: an accounts file (``segany-pet token add``) to turn sign-in and roles on;
+      ``cors_origins``: comma-separated origins of other sites' pages allowed to call the server;
+      ``max_request_mb``: the largest request body (``segany_pet.label.access``).
 
     Folders of DICOM PET series in a local studies folder are converted to SUV once, in the background, and
     served beside the NIfTI images (``segany_pet.label.dicom_studies``; /info ``dicom_import`` lists refusals).
@@ -56,8 +71,10 @@ class SegAnyPETApp(MONAILabelApp):
     """
 
     def __init__(self, app_dir, studies, conf):
-        self.volumes = VolumeCache(capacity=int(conf.get("volume_cache", 4)))
-        self.sessions = AnnotationSessions(capacity=int(conf.get("sessions", 64)))
+        self.volumes = VolumeCache(capacity=int(conf_number(conf, "volume_cache", 4, low=1, high=64)))
+        # Not "sessions": MONAILabelApp.sessions() is its upload sessions (PUT /session/), which this would hide.
+        capacity = int(conf_number(conf, "sessions", 64, low=1, high=10000))
+        self.annotation_sessions = AnnotationSessions(capacity=capacity)
         self.local = not studies.startswith(("http://", "https://"))
         self.state_dir = Path(studies) / STATE_DIR if self.local else Path(app_dir) / STATE_DIR
         self.served_model = served_model_for(self.state_dir, conf.get("model"), conf.get("inference_dtype"))
@@ -88,7 +105,7 @@ class SegAnyPETApp(MONAILabelApp):
 
     def init_infers(self):
         method = self.conf.get("threshold_method", "relative_41")
-        shared = {"served": self.served_model, "volumes": self.volumes, "sessions": self.sessions,
+        shared = {"served": self.served_model, "volumes": self.volumes, "sessions": self.annotation_sessions,
                   "edge": self.conf.get("edge", DEFAULT_EDGE)}
         return {
             PROMPTABLE: PromptableSegmentationInfer(**shared),
@@ -105,7 +122,7 @@ class SegAnyPETApp(MONAILabelApp):
         }
 
     def init_strategies(self):
-        lease_minutes = float(self.conf.get("lease_minutes", 30))
+        lease_minutes = conf_number(self.conf, "lease_minutes", 30, low=1, high=7 * 24 * 60)
         return {
             "disagreement": disagreement_strategy(lease_minutes),
             "label_review": label_review_strategy(lease_minutes),
@@ -121,27 +138,37 @@ class SegAnyPETApp(MONAILabelApp):
         # Only the server has a FastAPI app; training/scoring subprocesses build this class too.
         from monailabel.app import app as fastapi_app
 
-        from segany_pet.label.server import (
-            add_ohif_addons,
+        from segany_pet.label.access import bound_host, install_access_control, warn_if_exposed
+        from segany_pet.label.routes import (
             check_and_stop_training,
             check_scoring_requests,
-            install_error_handlers,
-            serve_infer_off_the_event_loop,
+            drop_unserved_routers,
+            serve_checked_logs,
+            serve_checked_sessions,
+            serve_confined_datastore,
             serve_leased_strategies,
+            serve_model_files,
         )
+        from segany_pet.label.server import add_ohif_addons, install_error_handlers, serve_infer_off_the_event_loop
 
         if self.local:
             # DICOM PET series in the studies folder become SUV images; in the background, so the server answers
             # at once and each series appears as soon as it is converted (once: later starts skip it).
             threading.Thread(target=import_dicom_series, name="DICOM import", daemon=True,
                              args=(self.datastore(), self.studies, self.state_dir)).start()
+        warn_if_exposed(install_access_control(fastapi_app, self.conf), bound_host())
         install_error_handlers(fastapi_app)
+        drop_unserved_routers(fastapi_app)
+        serve_confined_datastore(fastapi_app, self, accepts_images=self.local)
+        serve_checked_sessions(fastapi_app)
+        serve_model_files(fastapi_app, {PROMPTABLE: self.served_model})
+        serve_checked_logs(fastapi_app)
         serve_infer_off_the_event_loop(fastapi_app, {name: task for name, task in self._infers.items()
                                                      if isinstance(task, PromptableSegmentationInfer)})
         add_ohif_addons(fastapi_app)
         check_and_stop_training(fastapi_app, self._trainers, self.datastore())
         check_scoring_requests(fastapi_app, self._scoring_methods, self.datastore())
-        serve_leased_strategies(fastapi_app, self, {"disagreement", "label_review"})
+        serve_leased_strategies(fastapi_app, self, self._strategies, {"disagreement", "label_review"})
         self.served_model.start_loading()
 
     def info(self):
@@ -151,10 +178,14 @@ class SegAnyPETApp(MONAILabelApp):
         return info
 
     def infer(self, request, datastore=None):
+        # A client names a scan by its id (checked, resolved inside the datastore); only the server's own upload
+        # and session code hands an absolute path (segany_pet.label.server: params may not set the image).
         image = request.get("image")
-        if isinstance(image, str) and image and not os.path.exists(image):
-            if not (datastore or self.datastore()).get_image_uri(image):
+        if not isinstance(image, str) or not os.path.isabs(image):
+            uri = (datastore or self.datastore()).get_image_uri(checked_name(image, "image id"))
+            if not uri:
                 raise UnknownImageError(
                     f"image {image!r} is not in the datastore; GET /datastore/?output=all lists the image ids"
                 )
+            request = {**request, "image": uri}
         return super().infer(request, datastore)

@@ -10,6 +10,7 @@
     segany-pet audit STUDIES --out DIR [--top 20]
     segany-pet suv DICOM_DIR OUT.nii.gz [--norm bw|lbm|bsa]     (one PET DICOM series -> SUV NIfTI, QIBA rules)
     segany-pet curate CONFIG STUDIES [--workers N] [--report DIR]     (several PET datasets -> one datastore)
+    segany-pet token add|remove|list [NAME] --file FILE [--role annotator|admin]     (sign-in accounts)
 """
 
 from __future__ import annotations
@@ -199,6 +200,24 @@ def _curate(args) -> int:
     return 0
 
 
+def _token(args) -> int:
+    from segany_pet.label.access import add_account, read_accounts, remove_account
+
+    if args.action == "add":
+        token = add_account(args.file, args.name, args.role)
+        print(f"{args.name} ({args.role}): {token}")
+        print(f"the token is shown only now ({args.file} keeps its SHA-256); serve with --conf auth_tokens "
+              f"{Path(args.file).resolve()}", file=sys.stderr)
+    elif args.action == "remove":
+        if not remove_account(args.file, args.name):
+            raise UserInputError(f"{args.file} has no account {args.name!r}")
+        print(f"removed {args.name}; a running server refuses its token from the next request on")
+    else:
+        for name, (role, _) in sorted(read_accounts(Path(args.file)).items()):
+            print(f"{name}\t{role}")
+    return 0
+
+
 def _datastore_and_models(args):
     """The datastore of STUDIES and the models the server would score it with (or --model / --box-model)."""
     from segany_pet.label.activelearning import box_replica_path
@@ -316,6 +335,16 @@ def main(argv: list[str] | None = None) -> int:
     curate.add_argument("--gallery", type=int, default=12, help="cases drawn in the report's gallery")
     curate.set_defaults(run=_curate)
 
+    token = commands.add_parser("token", help="sign-in accounts of a lab server: add (prints a new token), remove, "
+                                              "list (serve with --conf auth_tokens FILE)")
+    token.add_argument("action", choices=["add", "remove", "list"])
+    token.add_argument("name", nargs="?", help="account name (add, remove)")
+    token.add_argument("--role", choices=["annotator", "admin"], default="annotator",
+                       help="annotators infer, fetch and save labels; admins also upload, delete, train, score and "
+                            "read logs")
+    token.add_argument("--file", required=True, help="the accounts file (JSON; created by the first add)")
+    token.set_defaults(run=_token)
+
     for server in (serve, demo):
         server.add_argument("--port", type=int, default=8000)
         server.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to serve other machines")
@@ -323,6 +352,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "evaluate" and not args.cohort and not (args.images and args.labels):
         parser.error("evaluate needs --cohort DIR, or --images DIR and --labels DIR")
+    if args.command == "token" and args.action != "list" and not args.name:
+        parser.error(f"token {args.action} needs an account name")
     return _reporting_errors(args.command, lambda: args.run(args))
 
 

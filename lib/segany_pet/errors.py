@@ -7,6 +7,12 @@ class UserInputError(ValueError):
     status_code = 422
 
 
+class MalformedRequestError(UserInputError):
+    """A request field that cannot be parsed at all (JSON that is not JSON)."""
+
+    status_code = 400
+
+
 class InvalidImageError(UserInputError):
     """An image that is unreadable, not 3D, not finite or not PET-like."""
 

@@ -5,6 +5,7 @@ Clicks are voxel indices ``[i, j, k]`` of the stored image, the frame clients se
 
 from __future__ import annotations
 
+import math
 import numbers
 
 import numpy as np
@@ -53,7 +54,7 @@ def parse_clicks(clicks, shape: tuple[int, ...], kind: str) -> list[tuple[int, i
             raise PromptError(f"{label} must be three voxel indices [i, j, k]")
         index = []
         for value in click:
-            if not _is_number(value) or not np.isfinite(value) or float(value) != int(value):
+            if not _is_whole(value):
                 raise PromptError(f"{label}: {value!r} is not a whole voxel index; send integer [i, j, k]")
             index.append(int(value))
         if any(i < 0 or i >= n for i, n in zip(index, shape, strict=True)):
@@ -66,3 +67,10 @@ def parse_clicks(clicks, shape: tuple[int, ...], kind: str) -> list[tuple[int, i
 
 def _is_number(value) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool | np.bool_)
+
+
+def _is_whole(value) -> bool:
+    """A whole number: an integer of any size (a huge one is then outside the volume), or a finite whole float."""
+    if not _is_number(value):
+        return False
+    return isinstance(value, numbers.Integral) or math.isfinite(value) and float(value).is_integer()

@@ -15,6 +15,7 @@ import contextlib
 import logging
 import math
 import os
+import re
 import shutil
 import tempfile
 import threading
@@ -24,12 +25,66 @@ import nibabel as nib
 import numpy as np
 from filelock import FileLock
 from monailabel.datastore.local import DataModel, ImageLabelModel, LocalDatastore, LocalDatastoreModel
-from monailabel.interfaces.exception import ImageNotFoundException, LabelNotFoundException
 
-from segany_pet.errors import UserInputError
-from segany_pet.pet import save_nifti
+from segany_pet.errors import InvalidImageError, UnknownImageError, UserInputError
+from segany_pet.pet import load_nifti, save_nifti
 
 logger = logging.getLogger(__name__)
+
+# What a client may call an image, a label tag or an uploaded file: one plain file-name piece. No separators,
+# no "..", nothing absolute, so a name resolved inside the datastore's folder stays inside it.
+SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,199}")
+IMAGE_EXTENSIONS = (".nii.gz", ".nii")
+# Values a stored label may hold: background and the app's classes (segany_pet.label.infer.LESION_LABELS).
+LABEL_VALUES = (0, 1)
+AFFINE_TOLERANCE_MM = 1e-3
+
+
+def checked_name(value, what: str) -> str:
+    """``value`` if it is a safe name (SAFE_NAME, no ".."), else a UserInputError saying what a name may hold."""
+    if not isinstance(value, str) or not SAFE_NAME.fullmatch(value) or ".." in value:
+        raise UserInputError(
+            f"{what} {value!r} is not a valid name: use letters, digits and . _ + - (up to 200, starting with a "
+            "letter or digit; no '/', '\\' or '..'); GET /datastore/?output=all lists the image ids"
+        )
+    return value
+
+
+def image_extension(filename: str) -> str:
+    """The NIfTI extension of an uploaded file's name; UserInputError for anything else."""
+    for extension in IMAGE_EXTENSIONS:
+        if filename.lower().endswith(extension):
+            return extension
+    raise UserInputError(f"upload {os.path.basename(filename)!r} is not a NIfTI file: send an SUV image as "
+                         f"{' or '.join(IMAGE_EXTENSIONS)}")
+
+
+def check_label_file(label_filename: str, image_filename: str, image_id: str) -> None:
+    """A label must be a readable NIfTI on its image's grid holding only LABEL_VALUES; UserInputError if not."""
+    try:
+        label = nib.load(label_filename)
+        image = nib.load(image_filename)
+        if label.shape[:3] != image.shape[:3] or len(label.shape) > 3 and math.prod(label.shape[3:]) != 1:
+            raise UserInputError(
+                f"label shape {tuple(label.shape)} differs from image {image_id}'s {tuple(image.shape[:3])}: "
+                "save a label drawn on this image"
+            )
+        data = np.asanyarray(label.dataobj)
+    except UserInputError:
+        raise
+    except Exception as exc:  # nibabel raises many types for damaged files
+        reason = str(exc).replace(label_filename, os.path.basename(label_filename))
+        raise UserInputError(f"the label cannot be read as NIfTI ({reason}); send a .nii.gz label") from exc
+    if not np.allclose(label.affine, image.affine, rtol=0, atol=AFFINE_TOLERANCE_MM):
+        raise UserInputError(
+            f"label affine differs from image {image_id}'s by up to {np.abs(label.affine - image.affine).max():.4g}"
+            " mm: save the label on the image's own grid"
+        )
+    values = np.unique(data)
+    unknown = [v for v in values.tolist() if v not in LABEL_VALUES]
+    if unknown:
+        raise UserInputError(f"label holds values {unknown[:5]}; a label may hold only {list(LABEL_VALUES)} "
+                             "(0 background, 1 lesion)")
 
 
 class PETDatastore(LocalDatastore):
@@ -118,8 +173,13 @@ class PETDatastore(LocalDatastore):
     # Changes
 
     def add_image(self, image_id: str, image_filename: str, image_info: dict) -> str:
-        default_id, extension = self._to_id(os.path.basename(image_filename))
-        image_id = image_id or default_id
+        """Store an upload: a safe id, a NIfTI file that loads as a 3D SUV volume (`load_nifti`'s checks)."""
+        extension = image_extension(image_filename)
+        image_id = checked_name(image_id or os.path.basename(image_filename)[: -len(extension)], "image id")
+        try:
+            load_nifti(image_filename)
+        except InvalidImageError as exc:
+            raise InvalidImageError(f"image {image_id}: {exc}") from None
         name = self._filename(image_id, extension)
         with self._transaction():
             shutil.copy(image_filename, os.path.realpath(os.path.join(self._datastore.image_path(), name)))
@@ -136,7 +196,7 @@ class PETDatastore(LocalDatastore):
             return
         image_file = self.get_image_uri(image_id)
         if not image_file:
-            raise ImageNotFoundException(f"Image {image_id} not found")
+            raise self._unknown(image_id)
         image = nib.load(image_file)
         shape = image.shape[:3]
         voxels = np.fromfile(label_filename, dtype=np.uint8)
@@ -154,7 +214,14 @@ class PETDatastore(LocalDatastore):
             os.unlink(converted)
 
     def save_label(self, image_id: str, label_filename: str, label_tag: str, label_info: dict) -> str:
+        """Store a label of a stored image under a safe tag, once it is checked against the image
+        (`check_label_file`)."""
+        checked_name(label_tag, "label tag")
+        image_file = self.get_image_uri(image_id)
+        if not image_file:
+            raise self._unknown(image_id)
         with self.label_as_file(image_id, label_filename) as label_file:
+            check_label_file(label_file, image_file, image_id)
             return self._store_label(image_id, label_file, label_tag, label_info)
 
     def _store_label(self, image_id: str, label_filename: str, label_tag: str, label_info: dict) -> str:
@@ -163,7 +230,7 @@ class PETDatastore(LocalDatastore):
         with self._transaction():
             record = self._datastore.objects.get(image_id)
             if record is None:
-                raise ImageNotFoundException(f"Image {image_id} not found")
+                raise self._unknown(image_id)
             folder = self._datastore.label_path(label_tag)
             os.makedirs(folder, exist_ok=True)
             shutil.copy(label_filename, os.path.join(folder, name))
@@ -211,11 +278,26 @@ class PETDatastore(LocalDatastore):
                         with contextlib.suppress(FileNotFoundError, NotADirectoryError):
                             os.remove(os.path.join(folder, self._filename(image_id, extension)))
 
+    def remove_image(self, image_id: str) -> None:
+        checked_name(image_id, "image id")
+        if image_id not in self._datastore.objects:
+            raise self._unknown(image_id)
+        self.remove_images([image_id])
+
+    def remove_label(self, label_id: str, label_tag: str) -> None:
+        with self._transaction():
+            label = self._checked_label(label_id, label_tag)
+            os.remove(os.path.join(self._datastore.label_path(label_tag), label.info["name"]))
+            self._datastore.objects[label_id].labels.pop(label_tag)
+
     def update_image_info(self, image_id: str, info: dict) -> None:
+        checked_name(image_id, "image id")
+        if not isinstance(info, dict):
+            raise UserInputError(f"image info must be a JSON object, not {type(info).__name__}")
         with self._transaction():
             record = self._datastore.objects.get(image_id)
             if record is None:
-                raise ImageNotFoundException(f"Image {image_id} not found")
+                raise self._unknown(image_id)
             record.image.info.update(info)
 
     def update_image_infos(self, infos: dict[str, dict]) -> None:
@@ -223,16 +305,47 @@ class PETDatastore(LocalDatastore):
         with self._transaction():
             missing = sorted(set(infos) - set(self._datastore.objects))
             if missing:
-                raise ImageNotFoundException(f"Images {', '.join(missing[:5])} not found")
+                raise UnknownImageError(f"images {', '.join(missing[:5])} are not in the datastore")
             for image_id, info in infos.items():
                 self._datastore.objects[image_id].image.info.update(info)
 
     def update_label_info(self, label_id: str, label_tag: str, info: dict) -> None:
+        if not isinstance(info, dict):
+            raise UserInputError(f"label info must be a JSON object, not {type(info).__name__}")
         with self._transaction():
-            label = self._datastore.label(label_id, label_tag)
-            if label is None:
-                raise LabelNotFoundException(f"Label: {label_id} Tag: {label_tag} not found")
-            label.info.update(info)
+            self._checked_label(label_id, label_tag).info.update(info)
+
+    # ------------------------------------------------------------------------------------------------------
+    # Reads of what a client names: checked names, unknown ones a 404
+
+    def get_image_uri(self, image_id: str) -> str:
+        return super().get_image_uri(checked_name(image_id, "image id"))
+
+    def get_image_info(self, image_id: str) -> dict:
+        checked_name(image_id, "image id")
+        if image_id not in self._datastore.objects and image_id not in self.list_images():  # a PACS series, too
+            raise self._unknown(image_id)
+        return super().get_image_info(image_id)
+
+    def get_label_uri(self, label_id: str, label_tag: str) -> str:
+        return super().get_label_uri(checked_name(label_id, "image id"), checked_name(label_tag, "label tag"))
+
+    def get_label_info(self, label_id: str, label_tag: str) -> dict:
+        return dict(self._checked_label(label_id, label_tag).info)
+
+    def _checked_label(self, label_id: str, label_tag: str) -> DataModel:
+        checked_name(label_id, "image id")
+        checked_name(label_tag, "label tag")
+        label = self._datastore.label(label_id, label_tag)
+        if label is None:
+            raise UnknownImageError(f"image {label_id!r} has no {label_tag!r} label; GET /datastore/?output=all "
+                                    "lists the images and their label tags")
+        return label
+
+    @staticmethod
+    def _unknown(image_id: str) -> UnknownImageError:
+        return UnknownImageError(f"image {image_id!r} is not in the datastore; GET /datastore/?output=all lists "
+                                 "the image ids")
 
     def lease_best(self, rank, client_id: str, strategy: str, lease_seconds: float) -> tuple[str, dict] | None:
         """Choose and lease an image in one transaction, so two annotators asking at once get different ones.

@@ -25,7 +25,7 @@ from monailabel.interfaces.datastore import DefaultLabelTag
 from pydicom.dataset import Dataset
 
 from segany_pet.errors import UserInputError
-from segany_pet.label.datastore import PETDatastore
+from segany_pet.label.datastore import PETDatastore, checked_name
 from segany_pet.label.dicom_studies import add_converted_series
 from segany_pet.pet import read_pet_series
 
@@ -77,6 +77,7 @@ class PETDICOMWebDatastore(DICOMWebDatastore, PETDatastore):
 
     def get_image_uri(self, image_id: str) -> str:
         """The series as SUV NIfTI in the local cache, downloaded and converted on first use."""
+        checked_name(image_id, "image id")
         converted = Path(self._datastore.image_path()) / f"{image_id}.nii.gz"
         if converted.exists():
             return str(converted)

@@ -7,6 +7,7 @@ stored image, ``[i, j, k]``; the reply is a label on that same grid.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import tempfile
 import threading
@@ -44,7 +45,8 @@ OHIF_RESULT_PARAMS = {
 
 def parse_roi(roi: Any, shape: tuple[int, int, int]) -> tuple[slice, slice, slice]:
     """Slicer's ROI ``[x0, x1, y0, y1, z0, z1]`` (voxel indices, inclusive) as slices."""
-    if not isinstance(roi, list | tuple) or len(roi) != 6 or not all(isinstance(v, int | float) for v in roi):
+    if not isinstance(roi, list | tuple) or len(roi) != 6 or not all(
+            isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) for v in roi):
         raise PromptError(f"roi must be 6 voxel indices [x0, x1, y0, y1, z0, z1], got {roi!r}")
     slices = []
     for axis, (low, high) in enumerate(zip(roi[0::2], roi[1::2], strict=True)):

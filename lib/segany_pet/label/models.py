@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -110,6 +111,20 @@ class ServedModel:
             predictor = self._load()
             return predictor, self._loaded[0]
 
+    def publish(self, checkpoint: str | os.PathLike) -> None:
+        """Serve ``checkpoint`` from the next click on (an admin's upload), as a training job publishes its model;
+        a box replica published beside the old model goes, since it belongs to other weights."""
+        copy_atomically(Path(checkpoint), self.published)
+        self.published_box.unlink(missing_ok=True)
+
+    def unpublish(self) -> bool:
+        """Serve the configured file again; False when no model was published."""
+        if self.published is None or not self.published.exists():
+            return False
+        self.published.unlink()
+        self.published_box.unlink(missing_ok=True)
+        return True
+
     def describe(self) -> dict:
         """For /info: which file, which preset, and whether it is ready, loading or broken (and why)."""
         predictor = self._predictor
@@ -145,3 +160,11 @@ def served_model_for(state_dir: str | os.PathLike, model: str | os.PathLike | No
     return ServedModel(model_file if model_file.is_absolute() else MODEL_DIR / model_file, dtype=dtype,
                        published=Path(state_dir) / "models" / f"{PROMPTABLE}.pt")
 
+
+def copy_atomically(source: Path, target: Path) -> None:
+    """Copy through a partial file and a rename: a reader (the next click) never sees half a checkpoint."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(target.name + ".partial")
+    shutil.copyfile(source, partial)
+    os.replace(partial, target)
+    logger.info("published %s as %s", source, target)

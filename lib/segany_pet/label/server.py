@@ -1,17 +1,14 @@
-"""Server glue: project errors become 4xx answers that tell the client what to fix; infer runs off the event loop
-and large replies go compressed; the bundled OHIF gets a Save label button and labels sent as the mask's box;
-training requests are checked before they start and stop cleanly."""
+"""Server glue for the click path: project errors become 4xx answers that tell the client what to fix; infer runs
+off the event loop and large replies go compressed; the bundled OHIF gets its add-ons (a Save label button, labels
+sent as the mask's box, sign-in)."""
 
 from __future__ import annotations
 
 import functools
-import inspect
 import json
 import logging
-import os
 import secrets
 import struct
-import time
 import zlib
 from collections.abc import Mapping
 from pathlib import Path
@@ -20,11 +17,12 @@ import numpy as np
 from backports import zstd
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import FileResponse, JSONResponse, Response
-from fastapi.routing import APIRoute
 from monailabel.interfaces.exception import MONAILabelError, MONAILabelException
 
-from segany_pet.errors import UserInputError
+from segany_pet.errors import UnknownImageError, UserInputError
+from segany_pet.label.datastore import checked_name, image_extension
 from segany_pet.label.infer import flag, result_format
+from segany_pet.label.routes import add_route_first, checked_session_id, json_object, replace_route, uploaded
 
 logger = logging.getLogger(__name__)
 
@@ -74,39 +72,11 @@ def install_error_handlers(app: FastAPI) -> None:
     app.middleware_stack = None
 
 
-def _replace_route(app: FastAPI, router, endpoint, replacement) -> bool:
-    """Serve ``replacement`` (given ``endpoint``'s signature) in place of MONAI Label's route to ``endpoint``.
-
-    The new route goes first in the app's routes, so it matches before the router MONAI Label included
-    (FastAPI resolves included routers lazily: their routes are not in ``app.router.routes``).
-    """
-    from monailabel.config import settings
-
-    found = [route for route in router.routes if isinstance(route, APIRoute) and route.endpoint is endpoint]
-    if not found:
-        logger.warning("MONAI Label's route to %s was not found; it is served unchanged", endpoint.__qualname__)
-        return False
-    route = found[0]
-    signature = inspect.signature(endpoint)
-    if "http_request" in inspect.signature(replacement).parameters:  # the replacement also reads the request
-        extra = inspect.Parameter("http_request", inspect.Parameter.KEYWORD_ONLY, annotation=Request)
-        signature = signature.replace(parameters=[*signature.parameters.values(), extra])
-    replacement.__signature__ = signature
-    _add_route_first(app, settings.MONAI_LABEL_API_STR + route.path, replacement, methods=list(route.methods),
-                     summary=route.summary, tags=route.tags, responses=route.responses, name=route.name)
-    return True
-
-
-def _add_route_first(app: FastAPI, path: str, endpoint, **options) -> None:
-    """A route that matches before MONAI Label's (see `_replace_route`)."""
-    app.router.add_api_route(path, endpoint, **options)
-    app.router.routes.insert(0, app.router.routes.pop())
-
-
 # Scripts served after the bundled OHIF's app-config.js, which OHIF loads first on every page: add-ons that
-# need no rebuilt viewer. A "Save label" button storing the MONAI Label panel's segmentation as the series'
-# final label (OHIF's MONAI Label mode has none), and the panel's labels sent as the mask's box.
-OHIF_ADDONS = ("ohif_save_label.js", "ohif_label_box.js")
+# need no rebuilt viewer. Sign-in where the server has it on (its token on each request to this server), a "Save
+# label" button storing the MONAI Label panel's segmentation as the series' final label (OHIF's MONAI Label mode
+# has none), and the panel's labels sent as the mask's box.
+OHIF_ADDONS = ("ohif_sign_in.js", "ohif_save_label.js", "ohif_label_box.js")
 
 
 def add_ohif_addons(app: FastAPI) -> None:
@@ -124,7 +94,7 @@ def add_ohif_addons(app: FastAPI) -> None:
         script = "\n".join(path.read_text(encoding="utf-8") for path in scripts)
         return Response(content=script, media_type="application/javascript", headers={"Cache-Control": "no-cache"})
 
-    _add_route_first(app, settings.MONAI_LABEL_API_STR + "/ohif/app-config.js", app_config_with_addons,
+    add_route_first(app, settings.MONAI_LABEL_API_STR + "/ohif/app-config.js", app_config_with_addons,
                      methods=["GET"], include_in_schema=False)
 
 
@@ -231,7 +201,7 @@ def multipart_reply(params: dict, filename: str, file_parts) -> tuple[list, str]
         f"multipart/form-data; boundary={boundary}"
 
 
-def infer_stored_image(background_tasks, model: str, image: str, params: str, output, nrrd_tasks: Mapping):
+def infer_stored_image(background_tasks, model: str, image: str, params: dict, output, nrrd_tasks: Mapping):
     """MONAI Label's ``run_inference`` for the common request (a stored image and params, nothing uploaded),
     without the ``instance.info()`` it makes on every request: that builds the whole /info (GET /info/ takes
     15 ms at 6,000 scans) to read a ``config`` key MONAI Label's info never has.
@@ -246,7 +216,7 @@ def infer_stored_image(background_tasks, model: str, image: str, params: str, ou
     from monailabel.interfaces.utils.app import app_instance
 
     instance = app_instance()
-    request = {"model": model, "image": image, **(json.loads(params) if params else {})}
+    request = {"model": model, "image": image, **params}
     logger.info("Infer Request: %s", request)
     task = nrrd_tasks.get(model)
     from_memory = task is not None and output in (None, "image", "all") \
@@ -255,8 +225,7 @@ def infer_stored_image(background_tasks, model: str, image: str, params: str, ou
     # by the reply's X-Label-Box header; elsewhere the whole file comes as asked.
     label_box = flag(request, "label_box", default=False)
     if from_memory:
-        if not os.path.exists(image):  # as MONAILabelApp.infer: an image id, not a path, becomes the file
-            request["image"] = instance.datastore().get_image_uri(image)
+        request["image"] = instance.datastore().get_image_uri(image)
         parts, reply, box = task.nrrd_reply(request, label_box and output == "image")
         filename = f"{model}_label.nrrd"
         if output == "image":
@@ -270,6 +239,49 @@ def infer_stored_image(background_tasks, model: str, image: str, params: str, ou
     if result is None:
         raise HTTPException(status_code=500, detail="Failed to execute infer")
     return infer_endpoint.send_response(instance.datastore(), result, output, background_tasks)
+
+
+# Request keys the server sets itself: from params they would name a file to read. ("label" stays: Slicer sends
+# the label's name there, and no task of this app reads it as a file.)
+RESERVED_INFER_PARAMS = ("image", "model", "session")
+
+
+def checked_infer_params(params: str | None) -> dict:
+    """An infer request's ``params``: a JSON object that does not set what the server sets, with MONAI Label's
+    own keys (``timeout``, ``save_label``) of the right type."""
+    request = json_object(params, "params")
+    reserved = [key for key in RESERVED_INFER_PARAMS if key in request]
+    if reserved:
+        raise UserInputError(f"params may not set {', '.join(reserved)}: name the scan with the image field (an "
+                             "image id) or upload it as file")
+    timeout = request.get("timeout", 1)
+    if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not 0 < timeout <= 3600:
+        raise UserInputError(f"timeout must be a number of seconds from 0 to 3600, not {timeout!r}")
+    flag(request, "save_label", default=False)
+    return request
+
+
+def known_image(image: str) -> None:
+    """A 404 unless ``image`` is a valid id of the datastore (a 422 for a name that is no id: a path, say)."""
+    from monailabel.interfaces.utils.app import app_instance
+
+    if not app_instance().datastore().get_image_uri(checked_name(image, "image id")):
+        raise UnknownImageError(f"image {image!r} is not in the datastore; GET /datastore/?output=all lists the "
+                                "image ids")
+
+
+def infer_upload(background_tasks, model: str, file, request: dict, output):
+    """Infer on an uploaded scan, which is checked as a stored one is (`load_nifti`) and removed however the
+    request ends."""
+    from monailabel.endpoints import infer as infer_endpoint
+    from monailabel.interfaces.utils.app import app_instance
+
+    instance = app_instance()
+    if output == "dicom_seg":
+        raise UserInputError("output=dicom_seg needs a series of the DICOMweb datastore, not an upload")
+    with uploaded(file, image_extension(file.filename or "")) as path:
+        result = instance.infer({**request, "model": model, "image": path})
+        return infer_endpoint.send_response(instance.datastore(), result, output, background_tasks)
 
 
 def serve_infer_off_the_event_loop(app: FastAPI, nrrd_tasks: Mapping | None = None) -> None:
@@ -290,11 +302,24 @@ def serve_infer_off_the_event_loop(app: FastAPI, nrrd_tasks: Mapping | None = No
 
     def run_inference_in_worker_thread(background_tasks, model, image, session_id, params, file, label, output, user,
                                        http_request):
-        if image and not (file or label or session_id) and output != "dicom_seg":
-            reply = infer_stored_image(background_tasks, model, image, params, output, nrrd_tasks)
+        request = checked_infer_params(params)
+        if label:
+            raise UserInputError("this app's infer tasks take no label upload: send clicks or a box in params")
+        if file:
+            reply = infer_upload(background_tasks, model, file, request, output)
+        elif session_id:
+            reply = infer_endpoint.run_inference(background_tasks, model, "", checked_session_id(session_id),
+                                                 json.dumps(request), None, None, output)
+        elif image:
+            known_image(image)
+            if output == "dicom_seg":
+                reply = infer_endpoint.run_inference(background_tasks, model, image, "", json.dumps(request), None,
+                                                     None, output)
+            else:
+                reply = infer_stored_image(background_tasks, model, image, request, output, nrrd_tasks)
         else:
-            reply = infer_endpoint.run_inference(background_tasks, model, image, session_id, params, file, label,
-                                                 output)
+            raise UserInputError("say which scan to segment: an image id (image=...), an uploaded NIfTI SUV image "
+                                 "(file) or a session_id")
         if isinstance(reply, tuple):
             parts, media_type, headers = reply
             return label_response(parts, http_request, media_type=media_type, headers=headers)
@@ -307,84 +332,4 @@ def serve_infer_off_the_event_loop(app: FastAPI, nrrd_tasks: Mapping | None = No
             return label_response([reply.body], http_request, media_type=reply.media_type, headers={})
         return reply
 
-    _replace_route(app, infer_endpoint.router, infer_endpoint.api_run_inference, run_inference_in_worker_thread)
-
-
-def check_and_stop_training(app: FastAPI, trainers: dict, datastore, stop_grace_seconds: float = 60.0) -> None:
-    """Make MONAI Label's training routes answer like the rest of the project.
-
-    - ``POST /train/{model}`` checks the options and that the datastore holds labels before it starts a
-      subprocess, so a mistake is a 4xx now rather than a failed job to discover later in ``GET /train/``;
-    - ``DELETE /train/`` asks the running job to save and stop (``request_stop``) and waits up to
-      ``stop_grace_seconds`` for it to exit, instead of killing it mid-write; it kills only a job that does
-      not stop in time. The stopped job continues from its checkpoint on the next POST.
-    """
-    from monailabel.endpoints import train as train_endpoint
-    from monailabel.utils.async_tasks import utils as async_tasks
-
-    def run_model(model, params, run_sync, enqueue, user):
-        task = trainers.get(model)
-        if task is not None:
-            task.check_request({**(params or {}), "model": model}, datastore)
-            task.clear_stop_request()
-        return train_endpoint.run_model(model, params, run_sync, enqueue)
-
-    def stop(user):
-        running = dict(async_tasks.background_processes.get("train") or {})
-        if not running:
-            return train_endpoint.stop()
-        for task in trainers.values():
-            task.request_stop()
-        for job in async_tasks.background_tasks.get("train", []):
-            if job["id"] in running:
-                job["status"] = "STOPPED"  # MONAI Label would record DONE for the clean exit
-        deadline = time.monotonic() + stop_grace_seconds
-        while time.monotonic() < deadline and any(p.poll() is None for p in running.values()):
-            time.sleep(0.2)
-        if any(p.poll() is None for p in running.values()):
-            logger.warning("training did not stop within %.0f s of the request; killing it", stop_grace_seconds)
-            return train_endpoint.stop()
-        jobs = [job for job in async_tasks.background_tasks.get("train", []) if job["id"] in running]
-        for job in jobs:
-            job.setdefault("end_ts", time.strftime("%Y-%m-%d %H:%M:%S"))
-        return jobs[-1] if jobs else None
-
-    _replace_route(app, train_endpoint.router, train_endpoint.api_run_model, run_model)
-    _replace_route(app, train_endpoint.router, train_endpoint.api_stop, stop)
-
-
-def serve_leased_strategies(app: FastAPI, instance, leased: set[str]) -> None:
-    """``POST /activelearning/{strategy}`` for the strategies in ``leased`` without MONAI Label's extra writes.
-
-    MONAI Label records every served sample by rewriting the image's info after the strategy ran: a second
-    datastore write per request (and a window in which two clients get the same scan). The leased strategies
-    choose and record in one transaction (PETDatastore.lease_best), so their answer skips that write; other
-    strategies are served by MONAI Label unchanged.
-    """
-    from monailabel.endpoints import activelearning as endpoint
-
-    def next_sample(strategy, params, user):
-        if strategy not in leased:
-            return endpoint.sample(strategy, params, user.username)
-        request = {"strategy": strategy, **(params or {})}
-        request["client_id"] = request.get("client_id") or user.username  # MONAILabelClient sends null by default
-        result = instance.next_sample(request)
-        if not result:
-            return {}
-        return {**instance.datastore().get_image_info(result["id"]), **result}
-
-    _replace_route(app, endpoint.router, endpoint.api_sample, next_sample)
-
-
-def check_scoring_requests(app: FastAPI, methods: dict, datastore) -> None:
-    """``POST /scoring/{method}`` checks its params first (a 4xx now, not a failed job to find later)."""
-    from monailabel.endpoints import scoring as endpoint
-
-    def run_method(method, params, run_sync, user):
-        task = methods.get(method)
-        if task is not None and hasattr(task, "check_request"):
-            task.check_request(params or {}, datastore)
-        return endpoint.run_method(method, params, run_sync)
-
-    _replace_route(app, endpoint.router, endpoint.api_run_method, run_method)
-
+    replace_route(app, infer_endpoint.router, infer_endpoint.api_run_inference, run_inference_in_worker_thread)

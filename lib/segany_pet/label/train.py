@@ -27,7 +27,6 @@ import dataclasses
 import datetime
 import logging
 import os
-import shutil
 import time
 from pathlib import Path
 
@@ -35,7 +34,7 @@ from monailabel.interfaces.tasks.train import TrainTask
 
 from segany_pet.errors import UserInputError
 from segany_pet.jsonfile import read_json, write_json
-from segany_pet.label.models import ServedModel
+from segany_pet.label.models import ServedModel, copy_atomically
 from segany_pet.train import MODEL_BEST, TrainConfig, make_trainer, records_from_datastore
 from segany_pet.train.cpcl import MODEL_BOX, NOISE_REPORT
 from segany_pet.train.trainer import CHECKPOINT_LAST, STOP_FILE, TRAIN_STATS
@@ -229,12 +228,3 @@ def typed(key: str, value):
     if not number or (kind is int and not float(value).is_integer()):
         raise UserInputError(f"{key} must be {'an integer' if kind is int else 'a number'}, not {value!r}")
     return kind(value)
-
-
-def copy_atomically(source: Path, target: Path) -> None:
-    """Copy through a partial file and a rename: a reader (the next click) never sees half a checkpoint."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    partial = target.with_name(target.name + ".partial")
-    shutil.copyfile(source, partial)
-    os.replace(partial, target)
-    logger.info("published %s as %s", source, target)

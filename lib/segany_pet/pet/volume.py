@@ -7,6 +7,7 @@ send clicks as voxel indices of this stored array.
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 import zlib
@@ -21,6 +22,9 @@ from segany_pet.errors import InvalidImageError
 
 # Above this a "SUV" image almost surely holds raw Bq/mL (whole-body lesion SUVs stay below ~400).
 MAX_PLAUSIBLE_SUV = 1000.0
+# A whole-body PET on the autoPET grid holds 52 M voxels, a total-body scanner's a few times that; 2^28 voxels are
+# 1 GiB as float32.
+MAX_VOXELS = 2**28
 # Below this it holds a CT in Hounsfield units (air is -1000); reconstructions dip only slightly below 0.
 MIN_PLAUSIBLE_SUV = -100.0
 
@@ -54,9 +58,18 @@ def load_nifti(path: str | os.PathLike) -> PETVolume:
     name = os.path.basename(str(path))
     try:
         image = nib.load(str(path))
+        voxels = math.prod(image.shape)
+        if voxels > MAX_VOXELS:  # read from the header: refused before anything is allocated
+            raise InvalidImageError(
+                f"{name}: the header claims {'x'.join(map(str, image.shape))} = {voxels:,} voxels, more than the "
+                f"{MAX_VOXELS:,} a PET volume here may hold; check the file (or resample the scan)"
+            )
         data = np.asanyarray(image.dataobj)
+    except InvalidImageError:
+        raise
     except Exception as exc:  # nibabel raises many types for damaged files
-        raise InvalidImageError(f"{name}: cannot be read as NIfTI ({exc}); replace the file") from exc
+        reason = str(exc).replace(str(path), name)  # nibabel names the whole path: the client needs the name
+        raise InvalidImageError(f"{name}: cannot be read as NIfTI ({reason}); replace the file") from exc
     data = np.squeeze(data) if data.ndim > 3 else data
     if data.ndim != 3:
         raise InvalidImageError(
