@@ -142,7 +142,9 @@ class SegAnyPETApp(MONAILabelApp):
         from segany_pet.label.routes import (
             check_and_stop_training,
             check_scoring_requests,
+            document_errors,
             drop_unserved_routers,
+            refuse_run_all,
             serve_checked_logs,
             serve_checked_sessions,
             serve_confined_datastore,
@@ -169,6 +171,8 @@ class SegAnyPETApp(MONAILabelApp):
         check_and_stop_training(fastapi_app, self._trainers, self.datastore())
         check_scoring_requests(fastapi_app, self._scoring_methods, self.datastore())
         serve_leased_strategies(fastapi_app, self, self._strategies, {"disagreement", "label_review"})
+        refuse_run_all(fastapi_app, self._trainers, self._scoring_methods)
+        document_errors(fastapi_app)
         self.served_model.start_loading()
 
     def info(self):

@@ -379,3 +379,70 @@ def drop_unserved_routers(app: FastAPI) -> None:
     unserved = (batch_infer.router, wsi_infer.router)
     app.router.routes = [route for route in app.router.routes
                          if getattr(route, "original_router", None) not in unserved]
+
+
+def refuse_run_all(app: FastAPI, trainers: dict, methods: dict) -> None:
+    """MONAI Label's ``POST /train/`` and ``POST /scoring/`` (every task at once, unchecked): a 405 that names the
+    tasks, each of which is checked when asked for by name."""
+    from monailabel.endpoints import scoring, train
+
+    def run_all_training(params, run_sync, user):
+        raise HTTPException(status_code=405, headers={"Allow": "GET, DELETE"},
+                            detail=f"name the training task: POST /train/<task>, one of {sorted(trainers)}")
+
+    def run_all_scoring(params, run_sync, user):
+        raise HTTPException(status_code=405, headers={"Allow": "GET, DELETE"},
+                            detail=f"name the scoring method: POST /scoring/<method>, one of {sorted(methods)}")
+
+    replace_route(app, train.router, train.api_run, run_all_training)
+    replace_route(app, scoring.router, scoring.api_run, run_all_scoring)
+
+
+# Query and path fields that carry a name (checked_name, session ids): documented with their pattern. The
+# pattern is stricter than the check (no two separators in a row): generated examples then always pass it.
+NAME_FIELDS = {"image": "image id", "id": "image id", "label": "image id", "tag": "label tag"}
+DOCUMENTED_NAME = r"^[A-Za-z0-9]+([._+-][A-Za-z0-9]+)*$"
+ERROR_STATUSES = {"400": "Malformed request", "401": "Sign-in needed", "403": "The role does not allow this",
+                  "404": "Not found", "405": "Not supported here", "409": "Conflict", "413": "Request too large",
+                  "422": "Invalid input: the detail says what to fix"}
+FILE_REPLIES = ("/datastore/image", "/datastore/label", "/datastore/dataset", "/model/{model}", "/logs/",
+                "/logs/gpu", "/session/{session_id}", "/infer/{model}")
+
+
+def document_errors(app: FastAPI) -> None:
+    """The OpenAPI schema as the app answers: every operation may answer the 4xx of ERROR_STATUSES with
+    ``{"detail": ...}`` (a message, or FastAPI's list of field errors), name fields carry their pattern, and the
+    routes that send files say so."""
+    from fastapi.openapi.utils import get_openapi
+
+    def openapi():
+        if app.openapi_schema is None:
+            schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+            schema.setdefault("components", {}).setdefault("schemas", {})["Problem"] = {
+                "type": "object", "properties": {"detail": {"title": "Detail"}}, "required": ["detail"]}
+            problem = {"application/json": {"schema": {"$ref": "#/components/schemas/Problem"}}}
+            for path, operations in schema.get("paths", {}).items():
+                for operation in operations.values():
+                    responses = operation.setdefault("responses", {})
+                    for status, description in ERROR_STATUSES.items():
+                        responses[status] = {"description": description, "content": problem}
+                    if path in FILE_REPLIES and "200" in responses:
+                        responses["200"].setdefault("content", {})["*/*"] = {"schema": {}}
+                    for parameter in operation.get("parameters", []):
+                        name, field = parameter["name"], parameter.get("schema", {})
+                        text = field.get("type") == "string" or {"type": "string"} in field.get("anyOf", [])
+                        if parameter["in"] in ("query", "path") and name in NAME_FIELDS and text:
+                            parameter["schema"] = {"type": "string", "pattern": DOCUMENTED_NAME, "maxLength": 200}
+                        if name == "session_id":
+                            parameter["schema"] = {"type": "string", "pattern": f"^{SESSION_ID.pattern}$"}
+                        if name == "limit_cases":
+                            parameter["schema"] = {"type": "integer", "minimum": 1}
+            # The infer tasks take no label upload (the server answers 422): not offered.
+            for body_schema in schema["components"]["schemas"].values():
+                if body_schema.get("title", "").startswith("Body_api_run_inference"):
+                    body_schema.get("properties", {}).pop("label", None)
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi_schema = None
+    app.openapi = openapi
