@@ -1,5 +1,6 @@
 """OHIF v3, as MONAI Label bundles it, in headless Chromium: a PET study from Orthanc, the MONAI Label panel
-connected to this server, a click on the scan under Point Prompts, and the 3D SAM's mask back in the viewer."""
+connected to this server (signed in with a token), a click on the scan under Point Prompts, and the 3D SAM's mask
+back in the viewer."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import pydicom
 import pydicom_seg
 import pytest
 
+from segany_pet.label.access import add_account
 from segany_pet.pet import nrrd_from_label_box
 from segany_pet.phantom.dicom import write_pet_series
 from support import (
@@ -43,6 +45,7 @@ def form_params(post_data: bytes) -> dict:
 
 
 def test_a_click_in_ohif_returns_a_mask_into_the_viewer(tmp_path):
+    """With sign-in on, as a lab runs it: the annotator types their token once and the viewer sends it."""
     sync_api = pytest.importorskip("playwright.sync_api")
     if not Path(CHROMIUM).exists() or shutil.which("Orthanc", path="/usr/sbin") is None:
         pytest.skip("Debian's chromium and orthanc are needed (scripts/setup.sh installs them)")
@@ -51,11 +54,16 @@ def test_a_click_in_ohif_returns_a_mask_into_the_viewer(tmp_path):
     files = write_pet_series(volume.suv, volume.affine, tmp_path / "series", study_uid=study_uid)
     with running_orthanc(tmp_path) as pacs:
         upload_to_orthanc(pacs, files)
-        conf = [("dicomweb_cache", tmp_path / "cache")]
-        with running_server(f"{pacs}/dicom-web", conf, tmp_path) as server, sync_api.sync_playwright() as driver:
+        token = add_account(tmp_path / "tokens.json", "annotator", "annotator")
+        conf = [("dicomweb_cache", tmp_path / "cache"), ("auth_tokens", tmp_path / "tokens.json")]
+        headers = {"Authorization": f"Bearer {token}"}
+        with running_server(f"{pacs}/dicom-web", conf, tmp_path, headers=headers) as server, \
+                sync_api.sync_playwright() as driver:
             browser = driver.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
             try:
                 page = browser.new_page(viewport={"width": 1400, "height": 900})
+                prompts = []
+                page.on("dialog", lambda dialog: (prompts.append(dialog.message), dialog.accept(token)))
                 page.goto(f"{server}/ohif/monai-label?StudyInstanceUIDs={study_uid}")
                 page.locator("canvas.cornerstone-canvas").first.wait_for(timeout=60_000)
                 page.wait_for_timeout(3000)  # the volume streams in
@@ -79,6 +87,8 @@ def test_a_click_in_ohif_returns_a_mask_into_the_viewer(tmp_path):
                     page.locator("button[title='Run PointPrompts']").click()
                 response = inferred.value
                 assert response.status == 200, response.text()
+                assert prompts == ["SegAnyPET Label: your access token"]  # asked once, before the viewer started
+                assert response.request.all_headers()["authorization"] == f"Bearer {token}"
                 assert "/infer/segany_pet?" in response.url
                 params = form_params(response.request.post_data_buffer)
                 assert len(params["foreground"]) >= 1 and params["result_extension"] == ".nrrd"
