@@ -67,6 +67,23 @@ def test_pet_series_are_listed_and_served_in_suv(pacs, server):
     assert info["source"] == "dicomweb" and info["suv_conversion"]["units"] == "BQML"
 
 
+def test_the_dicomweb_proxy_reaches_only_the_pacs_dicomweb_resources(pacs, server):
+    url, series_uid, _, _ = pacs
+    series = requests.get(f"{server}/proxy/dicom/qido/series", params={"SeriesInstanceUID": series_uid},
+                          headers={"Accept": "application/dicom+json"}, timeout=60)
+    assert series.status_code == 200, series.text
+    assert series.json()[0]["0020000E"]["Value"] == [series_uid]
+    # Dot segments (sent encoded, as a client can) once reached Orthanc's own REST API beside /dicom-web.
+    for method, path in [("GET", "%2E%2E/system"), ("GET", "qido/%2E%2E/%2E%2E/statistics"),
+                         ("POST", "%2E%2E/tools/reset"), ("GET", "wado/studies/..%5C..%5Csystem")]:
+        response = requests.request(method, f"{server}/proxy/dicom/{path}", timeout=60)
+        assert response.status_code == 422, (method, path, response.text)
+        assert "DICOMweb resource path" in response.json()["detail"]
+    response = requests.post(f"{server}/proxy/dicom/qido/series", timeout=60)
+    assert response.status_code == 405  # POST is STOW-RS alone
+    assert requests.get(f"{url}/system", timeout=30).status_code == 200  # the PACS was not reset
+
+
 def served_image(server: str, series_uid: str, folder) -> nib.Nifti1Image:
     response = requests.get(f"{server}/datastore/image", params={"image": series_uid}, timeout=60)
     assert response.status_code == 200, response.text

@@ -5,9 +5,11 @@ files left behind; and with sign-in on, tokens, roles and origins."""
 from __future__ import annotations
 
 import gzip
+import http.server
 import io
 import json
 import shutil
+import threading
 import time
 from pathlib import Path
 
@@ -422,3 +424,54 @@ def test_only_configured_origins_may_call_the_server_from_their_pages(lab_server
     # Even a refused request tells an allowed page why.
     refused = requests.get(f"{url}/info/", headers={"Origin": LAB_ORIGIN}, timeout=30)
     assert refused.status_code == 401 and refused.headers["access-control-allow-origin"] == LAB_ORIGIN
+
+
+@pytest.fixture(scope="module")
+def recording_pacs():
+    """A stand-in DICOMweb server that answers every request with an empty JSON list and records it."""
+    seen = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def _answer(self):
+            length = int(self.headers.get("Content-Length") or 0)
+            seen.append({"method": self.command, "path": self.path,
+                         "headers": {name.lower(): value for name, value in self.headers.items()},
+                         "body": self.rfile.read(length)})
+            self.send_response(200)
+            self.send_header("Content-Type", "application/dicom+json")
+            self.end_headers()
+            self.wfile.write(b"[]")
+
+        do_GET = do_POST = _answer
+
+        def log_message(self, *args):
+            pass
+
+    pacs = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=pacs.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{pacs.server_port}", seen
+    pacs.shutdown()
+
+
+def test_the_dicomweb_proxy_keeps_the_token_and_stays_under_the_studies_url(recording_pacs, tmp_path):
+    pacs, seen = recording_pacs
+    token = add_account(tmp_path / "tokens.json", "alice", "annotator")
+    conf = [("auth_tokens", tmp_path / "tokens.json"), ("dicomweb_cache", tmp_path / "cache")]
+    with running_server(f"{pacs}/dicom-web", conf, tmp_path, headers=bearer(token)) as url:
+        seen.clear()
+        headers = {**bearer(token), "Accept": "application/dicom+json", "Cookie": "session=secret"}
+        response = requests.get(f"{url}/proxy/dicom/qido/studies", params={"PatientID": "P1", "limit": 5},
+                                headers=headers, timeout=30)
+        assert response.status_code == 200 and response.json() == []
+        stow = requests.post(f"{url}/proxy/dicom/studies", data=b"--b--", timeout=30, headers={
+            **bearer(token), "Content-Type": "multipart/related; type=application/dicom; boundary=b"})
+        assert stow.status_code == 200
+        for path in ("%2E%2E/tools/shutdown", "studies/%2E%2E/%2E%2E/tools/reset"):
+            assert requests.post(f"{url}/proxy/dicom/{path}", headers=bearer(token), timeout=30).status_code == 422
+        assert requests.get(f"{url}/proxy/dicom/qido/studies", timeout=30).status_code == 401
+    assert [(r["method"], r["path"]) for r in seen] == [("GET", "/dicom-web/studies?PatientID=P1&limit=5"),
+                                                        ("POST", "/dicom-web/studies")]
+    for request in seen:
+        assert "authorization" not in request["headers"] and "cookie" not in request["headers"], request["headers"]
+    assert seen[0]["headers"]["accept"] == "application/dicom+json" and seen[1]["body"] == b"--b--"
+

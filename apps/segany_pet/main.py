@@ -148,6 +148,7 @@ class SegAnyPETApp(MONAILabelApp):
             serve_checked_logs,
             serve_checked_sessions,
             serve_confined_datastore,
+            serve_confined_dicomweb_proxy,
             serve_leased_strategies,
             serve_model_files,
         )
@@ -163,6 +164,7 @@ class SegAnyPETApp(MONAILabelApp):
         drop_unserved_routers(fastapi_app)
         serve_confined_datastore(fastapi_app, self, accepts_images=self.local)
         serve_checked_sessions(fastapi_app)
+        serve_confined_dicomweb_proxy(fastapi_app, None if self.local else self.studies)
         serve_model_files(fastapi_app, {PROMPTABLE: self.served_model})
         serve_checked_logs(fastapi_app)
         serve_infer_off_the_event_loop(fastapi_app, {name: task for name, task in self._infers.items()
