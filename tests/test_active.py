@@ -324,9 +324,12 @@ def test_threads_in_one_process_lease_each_scan_once(tmp_path):
 
 def test_label_file_on_another_grid_is_reported(tmp_path, predictor):
     folder = write_datastore(tmp_path / "studies", scans=1)
-    save_nifti(np.zeros((5, 5, 5), np.uint8), np.eye(4), tmp_path / "bad_label.nii.gz")
     datastore = PETDatastore(str(folder), extensions=("scan*.nii.gz",))
-    datastore.save_label("scan0", str(tmp_path / "bad_label.nii.gz"), "final", {})
+    image = nib.load(datastore.get_image_uri("scan0"))
+    save_nifti(np.zeros(image.shape, np.uint8), image.affine, tmp_path / "label.nii.gz")
+    datastore.save_label("scan0", str(tmp_path / "label.nii.gz"), "final", {})
+    # Replaced on disk behind the server's back (saving it through the datastore is refused).
+    save_nifti(np.zeros((5, 5, 5), np.uint8), np.eye(4), datastore.get_label_uri("scan0", "final"))
     result = score_datastore(datastore, predictor, predictor, "key")
     assert result["failed"] == 1
     assert "image's grid" in datastore.get_image_info("scan0")["cross_prompt_error"]

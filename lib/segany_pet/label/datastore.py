@@ -35,7 +35,7 @@ logger = logging.getLogger(__name__)
 # no "..", nothing absolute, so a name resolved inside the datastore's folder stays inside it.
 SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,199}")
 IMAGE_EXTENSIONS = (".nii.gz", ".nii")
-# Values a stored label may hold: background and the app's classes (segany_pet.label.infer.LESION_LABELS).
+# Values a client's label may hold: background and the app's classes (segany_pet.label.infer.LESION_LABELS).
 LABEL_VALUES = (0, 1)
 AFFINE_TOLERANCE_MM = 1e-3
 
@@ -59,8 +59,9 @@ def image_extension(filename: str) -> str:
                          f"{' or '.join(IMAGE_EXTENSIONS)}")
 
 
-def check_label_file(label_filename: str, image_filename: str, image_id: str) -> None:
-    """A label must be a readable NIfTI on its image's grid holding only LABEL_VALUES; UserInputError if not."""
+def check_label_file(label_filename: str, image_filename: str, image_id: str, values=None) -> None:
+    """A label must be a readable NIfTI on its image's grid holding whole class ids (only ``values`` when given:
+    LABEL_VALUES for an annotator's); UserInputError if not."""
     try:
         label = nib.load(label_filename)
         image = nib.load(image_filename)
@@ -80,10 +81,12 @@ def check_label_file(label_filename: str, image_filename: str, image_id: str) ->
             f"label affine differs from image {image_id}'s by up to {np.abs(label.affine - image.affine).max():.4g}"
             " mm: save the label on the image's own grid"
         )
-    values = np.unique(data)
-    unknown = [v for v in values.tolist() if v not in LABEL_VALUES]
+    found = np.unique(data).tolist()
+    if values is None and any(v < 0 or v != int(v) for v in found):
+        raise UserInputError(f"label holds values {found[:5]}; save class ids as whole numbers from 0")
+    unknown = [v for v in found if values is not None and v not in values]
     if unknown:
-        raise UserInputError(f"label holds values {unknown[:5]}; a label may hold only {list(LABEL_VALUES)} "
+        raise UserInputError(f"label holds values {unknown[:5]}; a label may hold only {list(values)} "
                              "(0 background, 1 lesion)")
 
 
@@ -213,15 +216,16 @@ class PETDatastore(LocalDatastore):
         finally:
             os.unlink(converted)
 
-    def save_label(self, image_id: str, label_filename: str, label_tag: str, label_info: dict) -> str:
+    def save_label(self, image_id: str, label_filename: str, label_tag: str, label_info: dict,
+                   label_values=None) -> str:
         """Store a label of a stored image under a safe tag, once it is checked against the image
-        (`check_label_file`)."""
+        (`check_label_file`; ``label_values``: the values it may hold, LABEL_VALUES for a client's)."""
         checked_name(label_tag, "label tag")
         image_file = self.get_image_uri(image_id)
         if not image_file:
             raise self._unknown(image_id)
         with self.label_as_file(image_id, label_filename) as label_file:
-            check_label_file(label_file, image_file, image_id)
+            check_label_file(label_file, image_file, image_id, label_values)
             return self._store_label(image_id, label_file, label_tag, label_info)
 
     def _store_label(self, image_id: str, label_filename: str, label_tag: str, label_info: dict) -> str:

@@ -120,8 +120,9 @@ class PETDICOMWebDatastore(DICOMWebDatastore, PETDatastore):
         return super().get_label_uri(label_id, label_tag, image_id)
 
     def save_label(self, image_id: str, label_filename: str, label_tag: str, label_info: dict,
-                   label_id: str = "") -> str:
-        return PETDatastore.save_label(self, image_id, label_filename, label_tag, label_info)  # not MONAI Label's
+                   label_id: str = "", label_values=None) -> str:
+        return PETDatastore.save_label(self, image_id, label_filename, label_tag, label_info,  # not MONAI Label's
+                                       label_values)
 
     def _store_label(self, image_id: str, label_filename: str, label_tag: str, label_info: dict) -> str:
         """A ``final`` label goes to the PACS as DICOM-SEG first, then into the local cache; other tags stay

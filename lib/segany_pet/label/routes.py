@@ -25,7 +25,7 @@ from monailabel.interfaces.datastore import DefaultLabelTag
 from monailabel.utils.others.generic import file_checksum
 
 from segany_pet.errors import CheckpointError, MalformedRequestError, UserInputError
-from segany_pet.label.datastore import SAFE_NAME, image_extension
+from segany_pet.label.datastore import LABEL_VALUES, SAFE_NAME, image_extension
 from segany_pet.model import load_checkpoint
 from segany_pet.pet import load_nifti
 
@@ -209,9 +209,9 @@ def serve_confined_datastore(app: FastAPI, instance, accepts_images: bool) -> No
     """MONAI Label's datastore writes with every name checked and every upload checked and removed.
 
     Names go through the datastore's `checked_name`, images through `load_nifti`'s PET checks, labels through
-    `check_label_file` (the datastore does both); an unknown id is a 404. ``accepts_images``: False for a
-    DICOMweb datastore, whose images come from the PACS. The dataset export streams its archive from a file
-    already unlinked, so no request leaves it behind.
+    `check_label_file` with the app's LABEL_VALUES (the datastore does both); an unknown id is a 404.
+    ``accepts_images``: False for a DICOMweb datastore, whose images come from the PACS. The dataset export
+    streams its archive from a file already unlinked, so no request leaves it behind.
     """
     from monailabel.endpoints import datastore as endpoint
 
@@ -232,7 +232,8 @@ def serve_confined_datastore(app: FastAPI, instance, accepts_images: bool) -> No
     def save_label(background_tasks, image, params, tag, label, user):
         info = json_object(params, "params")
         with uploaded(label, label_suffix(label.filename)) as path:
-            label_id = instance.datastore().save_label(image, path, tag or DefaultLabelTag.FINAL.value, info)
+            label_id = instance.datastore().save_label(image, path, tag or DefaultLabelTag.FINAL.value, info,
+                                                       label_values=LABEL_VALUES)
         return {**(instance.on_save_label(image, label_id) or {}), "image": image, "label": label_id}
 
     def remove_label(id, tag, user):

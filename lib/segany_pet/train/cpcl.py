@@ -20,7 +20,6 @@ saved beside it as ``model_box.pt``. Every threshold and weight is a ``cpcl_*`` 
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from collections import defaultdict
@@ -33,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from segany_pet.active.cross_prompt import prompt_pair
+from segany_pet.jsonfile import write_json
 from segany_pet.model import Sam3D, build_model, load_checkpoint, save_checkpoint
 from segany_pet.pet import save_nifti
 from segany_pet.predictor import Predictor
@@ -231,7 +231,7 @@ class CPCLTrainer(Trainer):
         if low:
             cases = load_cases(low, config.label_names, config.split_classes)
             report = noise_report(self.model, self.box_model, cases, config, self.output_dir / CORRECTED_DIR)
-            (self.output_dir / NOISE_REPORT).write_text(json.dumps(report, indent=1))
+            write_json(self.output_dir / NOISE_REPORT, report)  # whole or not at all, as the server reads it
             self.noise_cases = report["cases"]
 
     def _extra_stats(self) -> dict:

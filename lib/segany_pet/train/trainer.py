@@ -39,6 +39,7 @@ from tqdm import tqdm
 
 from segany_pet.errors import UserInputError
 from segany_pet.evaluate.interactive import REPORT_CLICKS, evaluate_case, summarise
+from segany_pet.jsonfile import write_json
 from segany_pet.model import PRESETS, Preset, Sam3D, build_model, load_checkpoint, save_checkpoint
 from segany_pet.predictor import Predictor
 from segany_pet.train.data import (
@@ -681,5 +682,5 @@ class Trainer:
             "config": self.config.to_dict(),
         }
         path = self.output_dir / TRAIN_STATS
-        path.write_text(json.dumps(stats, indent=1))
+        write_json(path, stats)  # whole or not at all: the server reads it while a job runs, and a job may be killed
         return stats
