@@ -31,9 +31,10 @@ from segany_pet.pet import load_nifti, save_nifti
 
 logger = logging.getLogger(__name__)
 
-# What a client may call an image, a label tag or an uploaded file: one plain file-name piece. No separators,
-# no "..", nothing absolute, so a name resolved inside the datastore's folder stays inside it.
-SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,199}")
+# What a client may call an image, a label tag or an uploaded file: one file-name piece. No separators, no
+# control characters, no "..", no leading "." (nothing absolute, hidden or a parent), so a name resolved inside
+# the datastore's folder stays inside it. Spaces and other punctuation stay: a lab's files carry them.
+SAFE_NAME = re.compile(r"[^./\\\x00-\x1f\x7f][^/\\\x00-\x1f\x7f]{0,199}")
 IMAGE_EXTENSIONS = (".nii.gz", ".nii")
 # Values a client's label may hold: background and the app's classes (segany_pet.label.infer.LESION_LABELS).
 LABEL_VALUES = (0, 1)
@@ -44,8 +45,8 @@ def checked_name(value, what: str) -> str:
     """``value`` if it is a safe name (SAFE_NAME, no ".."), else a UserInputError saying what a name may hold."""
     if not isinstance(value, str) or not SAFE_NAME.fullmatch(value) or ".." in value:
         raise UserInputError(
-            f"{what} {value!r} is not a valid name: use letters, digits and . _ + - (up to 200, starting with a "
-            "letter or digit; no '/', '\\' or '..'); GET /datastore/?output=all lists the image ids"
+            f"{what} {value!r} is not a valid name: one file-name piece of up to 200 characters, without '/', "
+            "'\\', control characters or '..', not starting with '.'; GET /datastore/?output=all lists the image ids"
         )
     return value
 
