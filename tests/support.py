@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import gzip
 import io
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -217,3 +219,48 @@ def orthanc_instance(url: str, series_uid: str) -> pydicom.Dataset:
                           timeout=30).json()
     content = requests.get(f"{url}/instances/{found[0]}/file", timeout=30).content
     return pydicom.dcmread(io.BytesIO(content))
+
+
+@contextlib.contextmanager
+def killable_server(studies: Path, conf: list[tuple[str, object]], log_path: Path,
+                    auto_reload: bool = False) -> Iterator[tuple[subprocess.Popen, str]]:
+    """As `running_server`, but the server leads its own process group (its training and scoring jobs are in
+    it too) and is yielded with its URL, so that a test can SIGKILL the lot with `kill_group`."""
+    port = free_port()
+    env = dict(server_environment(), MONAI_LABEL_DATASTORE_AUTO_RELOAD=str(auto_reload).lower())
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(server_command(studies, port=port, conf=conf), stdout=log,
+                                   stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(lambda: process.poll() is not None or _answers(f"{url}/info/"), timeout=180, what="the server")
+        if process.poll() is not None:
+            pytest.fail(f"server exited with {process.returncode}:\n{log_path.read_text()[-4000:]}")
+        yield process, url
+    finally:
+        kill_group(process)
+
+
+def kill_group(process: subprocess.Popen) -> None:
+    """SIGKILL a `killable_server`'s process group and wait until none of its processes is left."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
+    process.wait(timeout=30)
+
+    def gone() -> bool:
+        try:
+            os.killpg(process.pid, 0)
+        except ProcessLookupError:
+            return True
+        return False
+
+    wait_for(gone, timeout=30, what=f"process group {process.pid} to die")
+
+
+def distinct_label(lesions: nib.Nifti1Image, affine: np.ndarray, n: int) -> bytes:
+    """A .nii.gz label's bytes for save number ``n``: the true lesions plus a small cube placed by ``n``, so
+    successive saves differ (``lesions``: a phantom's lesion instance map; ``affine``: its image's)."""
+    mask = (np.asarray(lesions.dataobj) > 0).astype(np.uint8)
+    i, j, k = (4 + (n * step) % (size - 8) for step, size in zip((7, 13, 5), mask.shape, strict=True))
+    mask[i : i + 3, j : j + 3, k : k + 3] = 1
+    return gzip.compress(nib.Nifti1Image(mask, affine).to_bytes(), compresslevel=1, mtime=0)
