@@ -264,3 +264,14 @@ def distinct_label(lesions: nib.Nifti1Image, affine: np.ndarray, n: int) -> byte
     i, j, k = (4 + (n * step) % (size - 8) for step, size in zip((7, 13, 5), mask.shape, strict=True))
     mask[i : i + 3, j : j + 3, k : k + 3] = 1
     return gzip.compress(nib.Nifti1Image(mask, affine).to_bytes(), compresslevel=1, mtime=0)
+
+
+def copy_phantoms(cohort: Path, folder: Path) -> list[str]:
+    """The cohort's phantoms (not its bad files) copied into ``folder``, a throw-away datastore for tests that
+    write: the shared cohort stays as it is. Returns the case ids."""
+    folder.mkdir(parents=True, exist_ok=True)
+    cases = sorted(path.stem for path in (cohort / "truth").glob("*.json"))
+    for case in cases:
+        shutil.copy(cohort / "images" / f"{case}.nii.gz", folder)
+    return cases
+

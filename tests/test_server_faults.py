@@ -7,7 +7,6 @@ from __future__ import annotations
 import functools
 import json
 import random
-import shutil
 import threading
 import time
 from pathlib import Path
@@ -18,7 +17,7 @@ import pytest
 import requests
 import torch
 
-from support import distinct_label, kill_group, killable_server, wait_for
+from support import copy_phantoms, distinct_label, kill_group, killable_server, wait_for
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
 
@@ -27,15 +26,6 @@ KILL_ROUNDS = 3  # kill, check, restart: each round kills at another moment
 # One step an epoch, so checkpoint_last.pt is rewritten every step; far more epochs than the test lets run.
 EVERY_STEP_CHECKPOINTED = {"epochs": 500, "iterations_per_epoch": 1, "batch_size": 1, "val_cases": 0,
                            "clicks_per_sample": 2, "val_clicks": 1}
-
-
-def copy_phantoms(cohort: Path, folder: Path) -> list[str]:
-    """The cohort's three phantoms in a fresh studies folder (the kills must not touch the shared cohort)."""
-    folder.mkdir()
-    cases = sorted(path.stem for path in (cohort / "truth").glob("*.json"))
-    for case in cases:
-        shutil.copy(cohort / "images" / f"{case}.nii.gz", folder)
-    return cases
 
 
 def put_label(url: str, case: str, content: bytes, session=requests) -> requests.Response:

@@ -9,7 +9,6 @@ in 13 minutes), which measures nothing a lab sees."""
 from __future__ import annotations
 
 import json
-import shutil
 import threading
 import time
 from pathlib import Path
@@ -20,7 +19,7 @@ import pytest
 import requests
 
 from segany_pet.label.infer import OHIF_RESULT_PARAMS
-from support import case_truth, distinct_label, read_nrrd, running_server
+from support import case_truth, copy_phantoms, distinct_label, read_nrrd, running_server
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
 
@@ -34,8 +33,7 @@ SAVE_PAUSE_S = 0.25  # between label saves: a team saving often, not a loop that
 def datastore(cohort, tmp_path_factory) -> Path:
     """A throw-away copy of the cohort's three phantoms: the saves below must not touch the shared cohort."""
     folder = tmp_path_factory.mktemp("load_datastore")
-    for json_path in sorted((cohort / "truth").glob("*.json")):
-        shutil.copy(cohort / "images" / f"{json_path.stem}.nii.gz", folder)
+    copy_phantoms(cohort, folder)
     return folder
 
 

@@ -6,7 +6,6 @@ The server trains in its own subprocess, as in production; the runs are a few st
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import nibabel as nib
@@ -15,7 +14,7 @@ import pytest
 import requests
 from monailabel.client import MONAILabelClient
 
-from support import running_server, wait_for
+from support import copy_phantoms, running_server, wait_for
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
 
@@ -28,8 +27,7 @@ FEW_STEPS = {"epochs": 2, "iterations_per_epoch": 3, "batch_size": 1, "val_cases
 def datastore(cohort, tmp_path_factory) -> Path:
     """The cohort's three phantoms, no labels yet."""
     folder = tmp_path_factory.mktemp("train_datastore")
-    for json_path in sorted((cohort / "truth").glob("*.json")):
-        shutil.copy(cohort / "images" / f"{json_path.stem}.nii.gz", folder)
+    copy_phantoms(cohort, folder)
     return folder
 
 

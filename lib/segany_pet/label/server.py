@@ -95,7 +95,7 @@ def add_ohif_addons(app: FastAPI) -> None:
         return Response(content=script, media_type="application/javascript", headers={"Cache-Control": "no-cache"})
 
     add_route_first(app, settings.MONAI_LABEL_API_STR + "/ohif/app-config.js", app_config_with_addons,
-                     methods=["GET"], include_in_schema=False)
+                    methods=["GET"], include_in_schema=False)
 
 
 @functools.cache
