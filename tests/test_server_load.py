@@ -174,7 +174,8 @@ def test_eight_annotators_saves_and_scoring_at_once_all_succeed(load_server, dat
     if job["status"] == "DONE":
         assert any(f"cross_prompt: {len(cases)}/{len(cases)} scans" in line for line in job["details"]), job["details"]
         progress = requests.get(f"{load_server}/info/", timeout=10).json()["scoring"]["cross_prompt"]["progress"]
-        assert (progress["state"], progress["failed"]) == ("finished", 0), progress
+        errors = {case: objects[case]["image"]["info"].get("cross_prompt_error") for case in cases}
+        assert (progress["state"], progress["failed"]) == ("finished", 0), (progress, errors)
         assert all("cross_prompt_key" in objects[case]["image"]["info"] for case in cases)
     else:
         requests.delete(f"{load_server}/scoring/", timeout=60)

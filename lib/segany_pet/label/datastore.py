@@ -238,7 +238,10 @@ class PETDatastore(LocalDatastore):
                 raise self._unknown(image_id)
             folder = self._datastore.label_path(label_tag)
             os.makedirs(folder, exist_ok=True)
-            shutil.copy(label_filename, os.path.join(folder, name))
+            # Through a partial file and a rename: a scoring or training job reading it never sees half a label.
+            partial = os.path.join(folder, f".{name}.{os.getpid()}.partial")
+            shutil.copyfile(label_filename, partial)
+            os.replace(partial, os.path.join(folder, name))
             info = {**(label_info or {}), "ts": int(time.time()), "name": name}
             record.labels[label_tag] = DataModel(info=info, ext=extension)
         return image_id
