@@ -403,7 +403,7 @@ def refuse_run_all(app: FastAPI, trainers: dict, methods: dict) -> None:
 
 # Query and path fields that carry a name (checked_name, session ids): documented with their pattern. The
 # pattern is stricter than the check (no two separators in a row): generated examples then always pass it.
-NAME_FIELDS = {"image": "image id", "id": "image id", "label": "image id", "tag": "label tag"}
+NAME_FIELDS = ("image", "id", "label", "tag")
 DOCUMENTED_NAME = r"^[A-Za-z0-9]+([._+-][A-Za-z0-9]+)*$"
 ERROR_STATUSES = {"400": "Malformed request", "401": "Sign-in needed", "403": "The role does not allow this",
                   "404": "Not found", "405": "Not supported here", "409": "Conflict", "413": "Request too large",
