@@ -20,11 +20,14 @@ import pytest
 from segany_pet.active.cross_prompt import PromptPair, hot_spot_threshold, hot_spots, liver_reference, score_scan
 from segany_pet.active.scoring import (
     annotation_priority,
+    coverage_distance,
+    diverse_priority,
     models_key,
     review_priority,
     score_datastore,
     scoring_predictor,
 )
+from segany_pet.label.activelearning import disagreement_strategy, diverse_disagreement_strategy
 from segany_pet.label.datastore import PETDatastore
 from segany_pet.model import load_checkpoint
 from segany_pet.pet import PETVolume, save_nifti
@@ -191,6 +194,27 @@ def test_leases_serve_the_most_disputed_scan_once_per_lease(tmp_path):
     time.sleep(0.3)
     assert datastore.lease_best(rank_for_annotation, "eve", "disagreement", 60)[0] == "scan0"
     assert datastore.lease_best(rank_for_annotation, "fred", "disagreement", 60) is None
+
+
+def test_a_diverse_batch_spreads_over_the_feature_space(tmp_path):
+    """Scans 0-2 are near-copies (one direction of feature space), scan 3 lies elsewhere: after the most disputed
+    copy, the diverse strategy serves the distant scan before the next copy; plain disagreement does not."""
+    datastore = scored_datastore(tmp_path, 4)
+    near, far = [1.0, 0.0], [0.0, 1.0]
+    for index, (disagreement, features) in enumerate([(0.9, near), (0.8, near), (0.7, near), (0.5, far)]):
+        datastore.update_image_info(f"scan{index}", {"cross_prompt_disagreement": disagreement,
+                                                     "cross_prompt_features": features})
+    diverse, plain = diverse_disagreement_strategy(60), disagreement_strategy(60)
+    served = [diverse({"client_id": client}, datastore)["id"] for client in ("ann", "bob", "carl")]
+    assert served == ["scan0", "scan3", "scan1"]
+    for client in ("ann", "bob", "carl"):  # leave them (a lease is the strategy's and the client's)
+        datastore.update_image_info({"ann": "scan0", "bob": "scan3", "carl": "scan1"}[client], {"lease": None})
+    assert [plain({"client_id": c}, datastore)["id"] for c in ("dora", "eve")] == ["scan0", "scan1"]
+    # A labeled scan counts as taken: with scan 3 labeled, its neighbourhood is covered.
+    assert coverage_distance(near, [far]) == pytest.approx(2 ** 0.5)
+    assert coverage_distance(None, [far]) == 1.0 and coverage_distance(near, []) == 1.0
+    assert diverse_priority({"cross_prompt_disagreement": 0.4, "cross_prompt_features": near}, False, [near]) == (1, 0, 0.4)
+    assert diverse_priority({"cross_prompt_disagreement": 0.4}, True, []) is None
 
 
 def test_strategy_orders():

@@ -12,6 +12,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import requests
+import torch
 from monailabel.client import MONAILabelClient
 
 from support import copy_phantoms, running_server, wait_for
@@ -186,3 +187,22 @@ def test_cpcl_over_rest_saves_corrected_labels_beside_the_annotators(train_serve
         assert saved.shape == nib.load(datastore / f"{image}.nii.gz").shape
     labels_after = {p.name: p.read_bytes() for p in (datastore / "labels" / "final").iterdir()}
     assert labels_after == labels_before  # the annotators' labels are untouched
+
+
+def test_fast_mode_trains_the_decoder_on_cached_embeddings_over_rest(train_server, datastore, labelled):
+    for params, words in (({"fast": "yes"}, "fast must be true or false"),
+                          ({"fast": True, "init": "random"}, "fast training needs method plain and an init_checkpoint"),
+                          ({"fast": True, "fast_crops_per_object": 0}, "fast_crops_per_object must be at least 1")):
+        response = start(train_server, params)
+        assert response.status_code == 422 and words in response.json()["detail"], response.text
+    served = Path(MONAILabelClient(train_server).info()["models"][MODEL]["model"]["file"])
+    before = torch.load(served, map_location="cpu", weights_only=True)["model_state_dict"]
+    fast = {**FEW_STEPS, "fast": True, "fast_crops_per_object": 1, "validate_start_model": False, "restart": True}
+    assert start(train_server, fast).status_code == 200
+    job = wait_for(lambda: job_finished(train_server), what="the fast training job")
+    assert job["status"] == "DONE", job["details"]
+    stats = train_stats(train_server)
+    assert stats["status"] == "finished" and stats["fast"]["encoded_crops"] >= 3, stats
+    after = torch.load(Path(stats["published"]), map_location="cpu", weights_only=True)["model_state_dict"]
+    assert all(torch.equal(before[k], after[k]) for k in before if k.startswith("image_encoder."))
+    assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("mask_decoder."))

@@ -33,6 +33,7 @@ from segany_pet.train import (
     first_prompt,
     learning_rate_factor,
     load_cases,
+    make_trainer,
     records_from_datastore,
     records_from_folder,
     split_records,
@@ -477,3 +478,54 @@ def test_two_processes_under_torchrun_train_one_model_on_disjoint_shards(tmp_pat
         digest.update(key.encode())
         digest.update(value.numpy().tobytes())
     assert digest.hexdigest() == ranks[0]["weights"]
+
+
+# ----------------------------------------------------------------------------------------------
+# The fast loop (encoder frozen, crops encoded once)
+
+
+def _start_file(path: Path) -> Path:
+    torch.manual_seed(3)
+    save_checkpoint(build_model(TINY), path)
+    return path
+
+
+def test_fast_loop_trains_the_decoder_on_crops_encoded_once(tmp_path, records):
+    start = _start_file(tmp_path / "start.pt")
+    before = weights(load_checkpoint(start))
+    store: dict = {}
+    cfg = config(tmp_path / "fast", init_checkpoint=str(start), fast=True, fast_crops_per_object=2, epochs=1,
+                 iterations_per_epoch=4)
+    stats = make_trainer(cfg, records, crop_store=store).run()
+    assert stats["status"] == "finished" and stats["fast"]["encoded_crops"] >= 2 * len(load_cases(records)[0].objects)
+    after = weights(load_checkpoint(tmp_path / "fast" / MODEL_BEST))
+    frozen = [k for k in before if k.split(".")[0] in ("image_encoder", "detail_encoder")]
+    trained = [k for k in before if k.split(".")[0] in ("prompt_encoder", "mask_decoder")]
+    assert frozen and all(torch.equal(before[k], after[k]) for k in frozen)
+    assert any(not torch.equal(before[k], after[k]) for k in trained)
+    # A second trainer of the same process reuses the store: nothing is encoded again, the crops are the same.
+    keys = set(store)
+    again = make_trainer(config(tmp_path / "again", init_checkpoint=str(start), fast=True, fast_crops_per_object=2,
+                                epochs=1, iterations_per_epoch=1), records, crop_store=store)
+    again.run()
+    assert set(store) == keys and len(again.encoded) == stats["fast"]["encoded_crops"]
+
+
+def test_fast_loop_resumes_identically(tmp_path, records):
+    start = _start_file(tmp_path / "start.pt")
+    options = dict(init_checkpoint=str(start), fast=True, fast_crops_per_object=1)
+    straight = make_trainer(config(tmp_path / "straight", **options), records)
+    straight.run()
+    steps = []
+    make_trainer(config(tmp_path / "stopped", **options), records, on_progress=lambda p: steps.append(1),
+                 should_stop=lambda: len(steps) >= 4).run()
+    resumed = make_trainer(config(tmp_path / "stopped", **options), records)
+    assert resumed.run()["status"] == "finished"
+    assert_same_weights(weights(resumed.model), weights(straight.model))
+
+
+def test_fast_loop_needs_weights_to_freeze(tmp_path):
+    with pytest.raises(ValueError, match="fast training needs method plain and an init_checkpoint"):
+        config(tmp_path, fast=True)
+    with pytest.raises(ValueError, match="fast training needs method plain"):
+        config(tmp_path, fast=True, init_checkpoint="x.pt", method="cpcl")

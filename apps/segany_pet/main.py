@@ -13,7 +13,12 @@ from monailabel.tasks.activelearning.random import Random
 
 import segany_pet
 from segany_pet.errors import UnknownImageError, UserInputError
-from segany_pet.label.activelearning import CrossPromptScoring, disagreement_strategy, label_review_strategy
+from segany_pet.label.activelearning import (
+    CrossPromptScoring,
+    disagreement_strategy,
+    diverse_disagreement_strategy,
+    label_review_strategy,
+)
 from segany_pet.label.datastore import PETDatastore, checked_name
 from segany_pet.label.dicom_studies import import_dicom_series
 from segany_pet.label.dicom_studies import summary as dicom_import_summary
@@ -125,6 +130,7 @@ class SegAnyPETApp(MONAILabelApp):
         lease_minutes = conf_number(self.conf, "lease_minutes", 30, low=1, high=7 * 24 * 60)
         return {
             "disagreement": disagreement_strategy(lease_minutes),
+            "disagreement_diverse": diverse_disagreement_strategy(lease_minutes),
             "label_review": label_review_strategy(lease_minutes),
             "random": Random(),
             "first": First(),

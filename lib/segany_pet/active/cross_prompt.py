@@ -5,9 +5,10 @@ The same object prompted two ways (a click at its centre, a box around it) throu
 an annotator's time there is well spent; where they agree with each other but not with a stored label, the
 label is suspect (CPCL's confidence rule, `segany_pet.train.cpcl.confidence_targets`).
 
-A scan is scored without any click (`score_scan`): its targets are the components of its label, if it has one,
-and its hot spots (`hot_spots`: local SUV maxima above a liver-referenced threshold, as PERCIST defines
-measurable uptake), which finds what a label misses and what an unlabeled scan holds.
+A scan is scored without any click (`score_scan`): its targets (`scan_targets`) are the components of its label,
+if it has one, and its hot spots (`hot_spots`: local SUV maxima above a liver-referenced threshold, as PERCIST
+defines measurable uptake) that the hot-spot classifier (`organs.py`) does not call physiological organ uptake,
+which finds what a label misses and what an unlabeled scan holds.
 
 Frames: voxel indices of the stored image throughout.
 """
@@ -20,10 +21,10 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
-from segany_pet.evaluate.baselines import regions_from_clicks
+from segany_pet.active.organs import LESION_PROBABILITY, HotSpotClassifier, describe_hot_spots, shipped_classifier
 from segany_pet.pet import PETVolume
 from segany_pet.pet.quantify import LESION_CONNECTIVITY
-from segany_pet.predictor import Prediction, VolumeSession, paste_logits
+from segany_pet.predictor import CropGeometry, Prediction, VolumeSession, paste_logits
 from segany_pet.prompts import centre_click
 
 # PERCIST: measurable uptake exceeds 1.5 x liver SUVmean + 2 x liver SD (3 cm liver VOI).
@@ -39,10 +40,15 @@ BODY_SUV = 0.2
 # Without a liver reference, hot spots exceed this multiple of the body's median SUV.
 FALLBACK_MEDIAN_FACTOR = 4.0
 MAX_HOT_SPOTS = 16
+# Hot spots looked at per kept one: organ uptake is left out after the classifier has seen the spots.
+ORGAN_SEARCH_FACTOR = 3
 # A scan's disagreement is the mean of its TOP_TARGETS most disputed targets: one ambiguous lesion among many
 # clear hot spots still ranks the scan high.
 TOP_TARGETS = 3
 WORST_REPORTED = 5
+# `scan_descriptor`: dimensions kept of the pooled image embedding, and the seed of the projection.
+DESCRIPTOR_DIMS = 16
+DESCRIPTOR_SEED = 20261207
 
 
 @dataclass
@@ -52,6 +58,7 @@ class PromptPair:
     region: tuple[slice, slice, slice]
     point: np.ndarray
     box: np.ndarray
+    geometry: CropGeometry | None = None  # the point prompt's crop (its embedding describes the target)
 
     def disagreement(self, threshold: float = 0.5) -> float:
         """1 - Dice of the two masks (0 when both are empty: they agree there is nothing)."""
@@ -73,7 +80,7 @@ def prompt_pair(point: VolumeSession, box: VolumeSession, click, corners, around
     volume = point.volume
     placed = [_pasted(prediction, volume) for prediction in predictions]
     region = bounding_region([*around, *(item[0] for item in placed if item is not None)], volume.shape, pad)
-    return PromptPair(region, *(probability_in(region, item) for item in placed))
+    return PromptPair(region, *(probability_in(region, item) for item in placed), predictions[0].geometry)
 
 
 def _pasted(prediction: Prediction, volume: PETVolume):
@@ -191,27 +198,34 @@ def hot_spots(volume: PETVolume, threshold: float, exclude: np.ndarray | None = 
 # A scan's score
 
 
-def score_scan(point: VolumeSession, box: VolumeSession, label: np.ndarray | None = None, liver: dict | None = None,
-               *, max_hot_spots: int = MAX_HOT_SPOTS, confidence: dict | None = None,
-               consensus: np.ndarray | None = None) -> dict:
-    """Cross-prompt scores of one scan (the sessions' volume), JSON-ready.
+@dataclass
+class Target:
+    """One object to prompt both ways: a label component or a hot spot (stored voxel indices)."""
 
-    Targets: every 26-connected component of ``label`` (stored value > 0), prompted at its deepest voxel and
-    by its bounding box, and the hot spots outside it, prompted at the hot spot and by the box of the 41%
-    SUVmax region grown from it. ``liver``: a known liver reference (``{"mean", "sd"}``), else estimated.
-    ``confidence``: keyword arguments of `confidence_targets` (the CPCL thresholds). ``consensus``: a bool
-    array of the scan's shape that receives the models' consensus (mean probability > 0.5), target by
-    target (the audit report's overlay).
+    kind: str  # "label" or "hot_spot"
+    click: list[int]
+    corners: tuple[list[int], list[int]]  # the box prompt, min and max inclusive
+    box: tuple[slice, slice, slice]  # the object's extent
+    component: int  # its label component (0: a hot spot)
 
-    Returns ``cross_prompt_disagreement`` (mean of the TOP_TARGETS largest target disagreements, 1 - Dice),
-    ``cross_prompt_entropy`` (the same targets' mean entropy, bits), ``cross_prompt_worst`` (the most disputed
-    targets: voxel, kind, disagreement, entropy), ``hot_spot_threshold``, ``liver_reference``, ``targets``;
-    with a label also ``label_noise_score`` (voxels where both models agree against the label, over voxels
-    the label or their consensus calls object) and ``label_noise_worst``.
-    """
-    from segany_pet.train.cpcl import confidence_targets  # the one definition of "noisy"
 
-    volume = point.volume
+@dataclass
+class ScanTargets:
+    """What a scan is scored on, whatever the models: computed once per image and label."""
+
+    targets: list[Target]
+    threshold: float
+    liver: dict | None
+    components: np.ndarray | None  # the label's 26-connected components
+    organ_spots: int  # hot spots the classifier called physiological uptake (not targets)
+
+
+def scan_targets(volume: PETVolume, label: np.ndarray | None = None, liver: dict | None = None,
+                 classifier: HotSpotClassifier | None = None, max_hot_spots: int = MAX_HOT_SPOTS) -> ScanTargets:
+    """The label's components (prompted at the deepest voxel and by the extent) and the hot spots outside it
+    that the hot-spot classifier (default: the shipped one) calls lesions, at most ``max_hot_spots``, hottest
+    first (prompted at the peak and by the box of the 41% SUVmax region grown from it)."""
+    classifier = classifier or shipped_classifier()
     liver = liver or liver_reference(volume)
     threshold = hot_spot_threshold(volume, liver)
     targets = []
@@ -221,24 +235,55 @@ def score_scan(point: VolumeSession, box: VolumeSession, label: np.ndarray | Non
         inside = components[component_box] == index
         click = [int(c + s.start) for c, s in zip(centre_click(inside, volume.spacing), component_box, strict=True)]
         corners = ([s.start for s in component_box], [s.stop - 1 for s in component_box])
-        targets.append(("label", click, corners, component_box, index))
+        targets.append(Target("label", click, corners, component_box, index))
     exclude = ndimage.binary_dilation(label > 0, iterations=2) if count else None
-    for spot in hot_spots(volume, threshold, exclude, limit=max_hot_spots):
-        (grown,) = regions_from_clicks(volume.suv, volume.spacing, [spot])
-        voxels = np.argwhere(grown.mask) + [s.start for s in grown.box]
+    # Organs are among the hottest spots: look further, so that the lesions after them are still found.
+    spots = hot_spots(volume, threshold, exclude, limit=ORGAN_SEARCH_FACTOR * max_hot_spots)
+    features, grown = describe_hot_spots(volume, spots, threshold, liver)
+    lesion_like = (classifier.lesion_probability(features) >= LESION_PROBABILITY if spots
+                   else np.zeros(0, dtype=bool))
+    kept = [i for i in np.flatnonzero(lesion_like)][:max_hot_spots]
+    for i in kept:
+        spot, region = spots[i], grown[i]
+        voxels = np.argwhere(region.mask) + [s.start for s in region.box]
         corners = (voxels.min(axis=0).tolist(), voxels.max(axis=0).tolist()) if len(voxels) else (spot, spot)
-        targets.append(("hot_spot", spot, corners, grown.box, 0))
+        targets.append(Target("hot_spot", spot, corners, region.box, 0))
+    return ScanTargets(targets, threshold, liver, components, int((~lesion_like).sum()))
 
-    scored, noisy_total, union_total = [], 0, 0
-    for kind, click, corners, target_box, component in targets:
-        pair = prompt_pair(point, box, click, corners, around=[target_box])
+
+def score_scan(point: VolumeSession, box: VolumeSession, label: np.ndarray | None = None, liver: dict | None = None,
+               *, max_hot_spots: int = MAX_HOT_SPOTS, confidence: dict | None = None,
+               consensus: np.ndarray | None = None, targets: ScanTargets | None = None) -> dict:
+    """Cross-prompt scores of one scan (the sessions' volume), JSON-ready.
+
+    Targets: `scan_targets` of the volume and ``label`` (stored value > 0), or ``targets`` computed before.
+    ``liver``: a known liver reference (``{"mean", "sd"}``), else estimated. ``confidence``: keyword arguments
+    of `confidence_targets` (the CPCL thresholds). ``consensus``: a bool array of the scan's shape that
+    receives the models' consensus (mean probability > 0.5), target by target (the audit report's overlay).
+
+    Returns ``cross_prompt_disagreement`` (mean of the TOP_TARGETS largest target disagreements, 1 - Dice),
+    ``cross_prompt_entropy`` (the same targets' mean entropy, bits), ``cross_prompt_worst`` (the most disputed
+    targets: voxel, kind, disagreement, entropy), ``cross_prompt_features`` (where the scan sits in the image
+    encoder's feature space, for diverse batches: `scan_descriptor`), ``hot_spot_threshold``,
+    ``liver_reference``, ``targets`` (counts, with the organ spots left out); with a label also
+    ``label_noise_score`` (voxels where both models agree against the label, over voxels the label or their
+    consensus calls object) and ``label_noise_worst``.
+    """
+    from segany_pet.train.cpcl import confidence_targets  # the one definition of "noisy"
+
+    plan = targets or scan_targets(point.volume, label, liver, max_hot_spots=max_hot_spots)
+    components = plan.components
+    scored, pairs, noisy_total, union_total = [], [], 0, 0
+    for target in plan.targets:
+        pair = prompt_pair(point, box, target.click, target.corners, around=[target.box])
+        pairs.append(pair)
         if consensus is not None:
             consensus[pair.region] |= 0.5 * (pair.point + pair.box) > 0.5  # as CPCL defines consensus
-        record = {"voxel": click, "kind": kind, "disagreement": round(pair.disagreement(), 4),
+        record = {"voxel": target.click, "kind": target.kind, "disagreement": round(pair.disagreement(), 4),
                   "entropy_bits": round(pair.entropy_bits(), 4)}
         if label is not None:
             here = components[pair.region]
-            this = here == component if component else np.zeros(here.shape, dtype=bool)
+            this = here == target.component if target.component else np.zeros(here.shape, dtype=bool)
             others = (here > 0) & ~this  # each label component answers for its own voxels
             rule = confidence_targets(pair.point, pair.box, this, **(confidence or {}))
             noisy = rule.noisy.numpy() & ~others
@@ -248,19 +293,37 @@ def score_scan(point: VolumeSession, box: VolumeSession, label: np.ndarray | Non
             record["noise_score"] = round(int(noisy.sum()) / max(int(union.sum()), 1), 4)
         scored.append(record)
 
-    top = sorted(scored, key=lambda r: r["disagreement"], reverse=True)
+    order = sorted(range(len(scored)), key=lambda i: scored[i]["disagreement"], reverse=True)
+    top = [scored[i] for i in order]
+    count = sum(t.kind == "label" for t in plan.targets)
     result = {
         "cross_prompt_disagreement": _mean([r["disagreement"] for r in top[:TOP_TARGETS]]),
         "cross_prompt_entropy": _mean([r["entropy_bits"] for r in top[:TOP_TARGETS]]),
         "cross_prompt_worst": top[:WORST_REPORTED],
-        "hot_spot_threshold": round(float(threshold), 4),
-        "liver_reference": liver,
-        "targets": {"label": count, "hot_spot": len(targets) - count},
+        "cross_prompt_features": scan_descriptor(point, [pairs[i].geometry for i in order[:TOP_TARGETS]]),
+        "hot_spot_threshold": round(float(plan.threshold), 4),
+        "liver_reference": plan.liver,
+        "targets": {"label": count, "hot_spot": len(plan.targets) - count, "organ_spot": plan.organ_spots},
     }
     if label is not None:
         result["label_noise_score"] = round(noisy_total / union_total, 4) if union_total else 0.0
         result["label_noise_worst"] = sorted(scored, key=lambda r: r["noise_score"], reverse=True)[:WORST_REPORTED]
     return result
+
+
+def scan_descriptor(session: VolumeSession, geometries: list[CropGeometry]) -> list[float] | None:
+    """The mean image embedding (channels averaged over the crop's tokens) of the scan's most disputed
+    targets, projected to DESCRIPTOR_DIMS by a fixed random matrix and scaled to unit length: scans whose
+    disputed objects look alike to the encoder lie close together. None without a target."""
+    if not geometries:
+        return None
+    predictor = session.predictor
+    channels = predictor.preset.prompt_dim  # the encoder's own channels (a detail encoder's ride behind)
+    pooled = np.mean([predictor.embedding(session, g)[0][0, :channels].mean(dim=(1, 2, 3)).numpy()
+                      for g in geometries], axis=0)
+    projection = np.random.default_rng(DESCRIPTOR_SEED).standard_normal((channels, DESCRIPTOR_DIMS))
+    projected = pooled @ projection / np.sqrt(DESCRIPTOR_DIMS)
+    return [round(float(v), 4) for v in projected / max(float(np.linalg.norm(projected)), 1e-12)]
 
 
 def _mean(values: list[float]) -> float:

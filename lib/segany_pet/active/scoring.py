@@ -28,7 +28,8 @@ from segany_pet.predictor import Predictor
 log = logging.getLogger(__name__)
 
 FINAL = "final"
-SCORE_KEYS = ("cross_prompt_disagreement", "cross_prompt_entropy", "cross_prompt_worst", "hot_spot_threshold",
+SCORE_KEYS = ("cross_prompt_disagreement", "cross_prompt_entropy", "cross_prompt_worst", "cross_prompt_features",
+              "hot_spot_threshold",
               "liver_reference", "targets", "label_noise_score", "label_noise_worst", "cross_prompt_error")
 
 
@@ -149,3 +150,22 @@ def review_priority(info: dict, labeled: bool):
     if not labeled or score is None:
         return None
     return (score,)
+
+
+def coverage_distance(features, taken: list) -> float:
+    """Euclidean distance from a scan's ``cross_prompt_features`` (a unit vector) to the nearest of ``taken``
+    (0-2); 1.0 when nothing is taken or the scan has no features."""
+    if not taken or features is None:
+        return 1.0
+    return float(np.min(np.linalg.norm(np.asarray(taken, dtype=float) - np.asarray(features, dtype=float), axis=1)))
+
+
+def diverse_priority(info: dict, labeled: bool, taken: list):
+    """``disagreement_diverse``: the disagreement times the distance to the nearest scan already labeled or
+    leased (`coverage_distance`), so a batch spreads over the encoder's feature space instead of taking k
+    near-copies of the most disputed scan (a greedy, score-weighted k-center choice); ties go to the more
+    disputed scan."""
+    base = annotation_priority(info, labeled)
+    if base is None or base[0] == 0:
+        return base
+    return (1, base[1] * coverage_distance(info.get("cross_prompt_features"), taken), base[1])

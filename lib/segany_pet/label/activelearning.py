@@ -25,6 +25,7 @@ from monailabel.interfaces.tasks.strategy import Strategy
 
 from segany_pet.active.scoring import (
     annotation_priority,
+    diverse_priority,
     models_key,
     progress_line,
     review_priority,
@@ -130,21 +131,29 @@ class LeasedStrategy(Strategy):
     Needs the app's PETDatastore (its ``lease_best`` chooses and leases in one transaction).
     """
 
-    def __init__(self, name: str, description: str, priority, lease_minutes: float = 30.0):
+    def __init__(self, name: str, description: str, priority, lease_minutes: float = 30.0, diverse: bool = False):
         super().__init__(description)
         self.name = name
         self.priority = priority
         self.lease_seconds = 60.0 * lease_minutes
+        # priority(info, labeled, taken): also ranks by the scans already labeled or leased (their features).
+        self.diverse = diverse
 
     def __call__(self, request: dict, datastore) -> dict:
         if not hasattr(datastore, "lease_best"):
             raise UserInputError(f"strategy {self.name} needs the app's local datastore (PETDatastore)")
         client = str(request.get("client_id") or "anonymous")  # the server fills in the user's name
+        taken = []
+
+        def survey(records, now):
+            taken.extend(self.taken_features(records, now, client))
 
         def rank(image_id, record):
-            return self.priority(record.image.info, bool(record.labels.get(FINAL)))
+            labeled = bool(record.labels.get(FINAL))
+            return self.priority(record.image.info, labeled, taken) if self.diverse else self.priority(
+                record.image.info, labeled)
 
-        chosen = datastore.lease_best(rank, client, self.name, self.lease_seconds)
+        chosen = datastore.lease_best(rank, client, self.name, self.lease_seconds, survey if self.diverse else None)
         if chosen is None:
             return {}
         image_id, info = chosen
@@ -152,10 +161,26 @@ class LeasedStrategy(Strategy):
                 **{key: info[key] for key in ("cross_prompt_disagreement", "label_noise_score",
                                               "cross_prompt_worst", "label_noise_worst") if key in info}}
 
+    def taken_features(self, records, now: float, client: str) -> list:
+        """Descriptors of the scans labeled or under another client's lease (this client's own lease ends)."""
+        features = []
+        for _, record in records:
+            info = record.image.info
+            lease = info.get("lease") or {}
+            leased = lease.get("until", 0) > now and lease.get("client_id") != client
+            if (record.labels.get(FINAL) or leased) and info.get("cross_prompt_features") is not None:
+                features.append(info["cross_prompt_features"])
+        return features
+
 
 def disagreement_strategy(lease_minutes: float) -> LeasedStrategy:
     return LeasedStrategy("disagreement", "Unlabeled scan where point- and box-prompted models disagree most",
                           annotation_priority, lease_minutes)
+
+
+def diverse_disagreement_strategy(lease_minutes: float) -> LeasedStrategy:
+    return LeasedStrategy("disagreement_diverse", "Unlabeled scan of high disagreement, unlike the scans already "
+                          "labeled or leased (score-weighted k-center)", diverse_priority, lease_minutes, diverse=True)
 
 
 def label_review_strategy(lease_minutes: float) -> LeasedStrategy:

@@ -355,17 +355,22 @@ class PETDatastore(LocalDatastore):
         return UnknownImageError(f"image {image_id!r} is not in the datastore; GET /datastore/?output=all lists "
                                  "the image ids")
 
-    def lease_best(self, rank, client_id: str, strategy: str, lease_seconds: float) -> tuple[str, dict] | None:
+    def lease_best(self, rank, client_id: str, strategy: str, lease_seconds: float,
+                   survey=None) -> tuple[str, dict] | None:
         """Choose and lease an image in one transaction, so two annotators asking at once get different ones.
 
         ``rank(image_id, record)`` -> a sort key (higher first) for images the strategy may serve, None for
         the others. Images under another client's unexpired lease are skipped; this client's own earlier lease
         under ``strategy`` ends (asking for the next image means leaving that one), and that image is not
         served again at once. The new lease (``client_id``, ``strategy``, ``until`` = now + ``lease_seconds``) is
-        kept in the image's info. Returns (image id, its info) or None when no image qualifies.
+        kept in the image's info. ``survey(records, now)``, if given, sees every (image id, record) first, inside
+        the same transaction, for ranks that depend on the other images (a diverse batch). Returns (image id, its
+        info) or None when no image qualifies.
         """
         now = time.time()
         with self._transaction():
+            if survey is not None:
+                survey(list(self._datastore.objects.items()), now)
             previous = None
             candidates = []
             for image_id, record in self._datastore.objects.items():

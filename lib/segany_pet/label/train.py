@@ -53,6 +53,7 @@ REQUEST_FIELDS = {
     "cpcl_warmup_epochs": int,
     "cpcl_agreement_threshold": float, "cpcl_uncertainty_threshold": float, "cpcl_uncertain_weight": float,
     "cpcl_cross_weight": float, "cpcl_cross_confidence": float, "validate_start_model": bool,
+    "fast": bool, "fast_crops_per_object": int,
 }
 CORRECTED_TAG = "cpcl_corrected"
 DESCRIPTIONS = {

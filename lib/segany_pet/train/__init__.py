@@ -1,6 +1,7 @@
 """Training the 3D SAM: records and crops (data), SAM-style click simulation and loss (simulate), the trainer
-with checkpoints, resume, validation and progress (trainer), Cross-Prompt Confidence Learning (cpcl), and
-torchrun support (distributed). `make_trainer` picks the trainer a TrainConfig's ``method`` names."""
+with checkpoints, resume, validation and progress (trainer), Cross-Prompt Confidence Learning (cpcl), the fast
+loop on cached embeddings (fast), and torchrun support (distributed). `make_trainer` picks the trainer a
+TrainConfig's ``method`` and ``fast`` name."""
 
 from segany_pet.train.cpcl import CPCLTrainer, confidence_targets, noise_report
 from segany_pet.train.data import (
@@ -16,6 +17,7 @@ from segany_pet.train.data import (
     records_from_datastore,
     records_from_folder,
 )
+from segany_pet.train.fast import FastTrainer
 from segany_pet.train.distributed import DistributedContext, start_distributed
 from segany_pet.train.simulate import InteractiveStep, Prompt, first_prompt, segmentation_loss
 from segany_pet.train.trainer import (
@@ -31,9 +33,9 @@ from segany_pet.train.trainer import (
 
 
 def make_trainer(config: TrainConfig | dict, records, val_records=None, **callbacks) -> Trainer:
-    """The trainer for ``config.method``: Trainer ("plain") or CPCLTrainer ("cpcl")."""
+    """The trainer for ``config.method``: Trainer ("plain"; FastTrainer with ``fast``) or CPCLTrainer ("cpcl")."""
     config = config if isinstance(config, TrainConfig) else TrainConfig.from_dict(config)
-    trainer_class = CPCLTrainer if config.method == "cpcl" else Trainer
+    trainer_class = CPCLTrainer if config.method == "cpcl" else FastTrainer if config.fast else Trainer
     return trainer_class(config, records, val_records, **callbacks)
 
 
@@ -50,6 +52,7 @@ __all__ = [
     "CropSample",
     "CropSampler",
     "DistributedContext",
+    "FastTrainer",
     "InteractiveStep",
     "Prompt",
     "TrainConfig",

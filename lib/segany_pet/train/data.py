@@ -375,28 +375,42 @@ class CropSampler:
 
     def sample(self) -> CropSample:
         if self.hot_spots and self.rng.random() < self.hot_spot_share:
-            case_index, spot = self.hot_spots[int(self.rng.integers(len(self.hot_spots)))]
-            case = self.cases[case_index]
-            geometry = self._geometry(case, case.volume.index_to_world(spot))
-            target = torch.zeros((self.preset.crop_size,) * 3, dtype=torch.bool)
-            hint = geometry.stored_to_crop(case.volume.affine, [spot])[0]
-            instance, kind = 0, "hot_spot"
-        else:
-            case_index, obj = self.objects[int(self.rng.choice(len(self.objects), p=self.weights))]
-            case = self.cases[case_index]
-            geometry = self._geometry(case, obj.centre_mm)
-            target = self._target(case, obj.instance, geometry)
-            hint, instance, kind = None, obj.instance, "object"
+            return self.sample_hot_spot(int(self.rng.integers(len(self.hot_spots))))
+        return self.sample_object(int(self.rng.choice(len(self.objects), p=self.weights)))
+
+    def sample_hot_spot(self, index: int, rng: np.random.Generator | None = None) -> CropSample:
+        """A crop around hot spot ``index`` of `hot_spots`, clicked there, with an empty target; drawn with
+        ``rng`` (default: the sampler's)."""
+        rng = rng or self.rng
+        case_index, spot = self.hot_spots[index]
+        case = self.cases[case_index]
+        geometry = self._geometry(case, case.volume.index_to_world(spot), rng)
+        target = torch.zeros((self.preset.crop_size,) * 3, dtype=torch.bool)
+        hint = geometry.stored_to_crop(case.volume.affine, [spot])[0]
+        return self._crop(case, geometry, target, hint, 0, "hot_spot", rng)
+
+    def sample_object(self, index: int, rng: np.random.Generator | None = None) -> CropSample:
+        """A crop around object ``index`` of `objects`, jittered as the class says."""
+        rng = rng or self.rng
+        case_index, obj = self.objects[index]
+        case = self.cases[case_index]
+        geometry = self._geometry(case, obj.centre_mm, rng)
+        target = self._target(case, obj.instance, geometry)
+        return self._crop(case, geometry, target, None, obj.instance, "object", rng)
+
+    def _crop(self, case: TrainingCase, geometry: CropGeometry, target, hint, instance: int, kind: str,
+              rng: np.random.Generator) -> CropSample:
         self.drawn[case.id] += 1
         suv = crop_volume(case.volume.suv, case.volume.affine, geometry)
         if self.intensity_scale:
-            suv = suv * float(np.exp(self.rng.uniform(-self.intensity_scale, self.intensity_scale)))
+            suv = suv * float(np.exp(rng.uniform(-self.intensity_scale, self.intensity_scale)))
         image = normalise(suv, self.preset.normalisation)[None]
         neighbours = [(o.instance, self._target(case, o.instance, geometry))
-                      for o in self._neighbours(case, geometry, instance)]
+                      for o in self._neighbours(case, geometry, instance, rng)]
         return CropSample(image, target, hint, case.id, instance, kind, neighbours)
 
-    def _neighbours(self, case: TrainingCase, geometry: CropGeometry, primary: int) -> list[TrainingObject]:
+    def _neighbours(self, case: TrainingCase, geometry: CropGeometry, primary: int,
+                    rng: np.random.Generator) -> list[TrainingObject]:
         if not self.neighbours:
             return []
         size = geometry.size
@@ -410,13 +424,13 @@ class CropSampler:
             if np.all((index >= margin) & (index <= size - 1 - margin)):
                 inside.append(obj)
         if len(inside) > self.neighbours:
-            chosen = self.rng.choice(len(inside), self.neighbours, replace=False)
+            chosen = rng.choice(len(inside), self.neighbours, replace=False)
             inside = [inside[i] for i in sorted(chosen)]
         return inside
 
-    def _geometry(self, case: TrainingCase, centre_mm) -> CropGeometry:
+    def _geometry(self, case: TrainingCase, centre_mm, rng: np.random.Generator) -> CropGeometry:
         size, spacing = self.preset.crop_size, self.preset.spacing_mm
-        offset = self.rng.uniform(-1, 1, 3) * self.position_jitter * size * spacing
+        offset = rng.uniform(-1, 1, 3) * self.position_jitter * size * spacing
         return CropGeometry.around(case.volume.affine, np.asarray(centre_mm) + offset, spacing, size)
 
     @staticmethod

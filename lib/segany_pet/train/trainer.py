@@ -146,6 +146,10 @@ class TrainConfig:
     # probability (or 1 - probability) above which a voxel counts as confident.
     cpcl_cross_weight: float = 0.5
     cpcl_cross_confidence: float = 0.9
+    # The fast loop (fast.py): the image encoder frozen, fast_crops_per_object crops of every object encoded once,
+    # the prompt encoder and mask decoder trained on the cached embeddings. Needs init_checkpoint, method plain.
+    fast: bool = False
+    fast_crops_per_object: int = 4
     # Seeds the model initialisation, the validation split and (with the rank) the crop sampling.
     seed: int = 0
     # Held-out records for validation: a number (drawn with the seed) or a list of record ids.
@@ -189,6 +193,10 @@ class TrainConfig:
                      "cpcl_cross_confidence"):
             if not 0 <= float(getattr(self, name)) <= 1:
                 problems.append(f"{name} must lie in [0, 1]")
+        if self.fast and (self.method != "plain" or not self.init_checkpoint):
+            problems.append("fast training needs method plain and an init_checkpoint (its encoder stays as it is)")
+        if int(self.fast_crops_per_object) < 1:
+            problems.append("fast_crops_per_object must be at least 1")
         if self.touching_weight <= 0:
             problems.append("touching_weight must be positive")
         if self.first_click_weight <= 0:
@@ -342,6 +350,8 @@ class Trainer:
         fresh = {id(p) for name, p in self.model.named_parameters() if name in fresh_keys}
         groups = {}
         for name, parameter in module.named_parameters():
+            if not parameter.requires_grad:  # frozen (the fast loop's encoder)
+                continue
             decays = parameter.ndim > 1 and not any(key in name for key in NO_DECAY)
             groups.setdefault((decays, id(parameter) in fresh), []).append(parameter)
         return torch.optim.AdamW(
@@ -597,19 +607,8 @@ class Trainer:
         return bool(self.should_stop and self.should_stop()) or self.stop_file.exists()
 
     def _train_step(self, step_module) -> dict[str, float]:
-        config, sampler = self.config, self.sampler
-        samples = sampler.batch(config.batch_size)
-        device = self.context.device
-        images = torch.stack([s.image for s in samples]).to(device)
-        sets = [(b, s.target, s.click_hint) for b, s in enumerate(samples)]
-        sets += [(b, target, None) for b, s in enumerate(samples) for _, target in s.neighbours]
-        targets = torch.stack([target for _, target, _ in sets]).to(device)
-        crop_of = torch.as_tensor([b for b, _, _ in sets], device=device)
-        prompts = [
-            first_prompt(target.numpy(), self.prompt_rng, config.box_share, config.box_and_click_share, hint)
-            for _, target, hint in sets
-        ]
-        loss, info = step_module(images, targets, prompts, crop_of)
+        config = self.config
+        loss, info = step_module(*self._step_inputs())
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if config.grad_clip:
@@ -618,6 +617,24 @@ class Trainer:
         self.scheduler.step()
         return {"loss": float(loss.detach()) / config.clicks_per_sample,
                 "dice_first": info["iteration_dice"][0], "dice_last": info["iteration_dice"][-1]}
+
+    def _step_inputs(self) -> tuple:
+        """One batch as the step module takes it: (images, targets, opening prompts, crop of each target)."""
+        config = self.config
+        samples = self.sampler.batch(config.batch_size)
+        device = self.context.device
+        images = torch.stack([s.image for s in samples]).to(device)
+        sets = [(b, s.target, s.click_hint) for b, s in enumerate(samples)]
+        sets += [(b, target, None) for b, s in enumerate(samples) for _, target in s.neighbours]
+        targets = torch.stack([target for _, target, _ in sets]).to(device)
+        crop_of = torch.as_tensor([b for b, _, _ in sets], device=device)
+        return images, targets, self._opening_prompts(sets), crop_of
+
+    def _opening_prompts(self, sets) -> list:
+        """A first prompt per (crop, target, click hint) set."""
+        config = self.config
+        return [first_prompt(target.numpy(), self.prompt_rng, config.box_share, config.box_and_click_share, hint)
+                for _, target, hint in sets]
 
     def _keep_best(self, state: dict, entry: dict) -> None:
         metric = entry.get("val", {}).get(KEY_METRIC)
