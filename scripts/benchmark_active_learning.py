@@ -49,7 +49,6 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import torch
-import torch.nn.functional as F
 from benchmark_cpcl import auroc, noisy_labels, write_cohort
 
 from segany_pet.active.audit import pyplot_agg

@@ -49,10 +49,10 @@ def collect(count: int, part: int, autopet: int, limit: int) -> tuple[np.ndarray
     jobs = [(i, t, "4mm") for i in range(count) for t in ("fdg", "psma")]
     jobs += [(count + i, t, "autopet") for i in range(autopet) for t in ("fdg", "psma")]
     for index, tracer, grid in jobs:
-        f, l, w = spots_of(index * 2 + (tracer == "psma"), part, tracer, grid, limit)
-        features.append(f)
-        lesion += l
-        where += w
+        spot_features, is_lesion, places = spots_of(index * 2 + (tracer == "psma"), part, tracer, grid, limit)
+        features.append(spot_features)
+        lesion += is_lesion
+        where += places
     return np.concatenate(features), np.asarray(lesion), where
 
 

@@ -213,7 +213,8 @@ def test_a_diverse_batch_spreads_over_the_feature_space(tmp_path):
     # A labeled scan counts as taken: with scan 3 labeled, its neighbourhood is covered.
     assert coverage_distance(near, [far]) == pytest.approx(2 ** 0.5)
     assert coverage_distance(None, [far]) == 1.0 and coverage_distance(near, []) == 1.0
-    assert diverse_priority({"cross_prompt_disagreement": 0.4, "cross_prompt_features": near}, False, [near]) == (1, 0, 0.4)
+    copy = {"cross_prompt_disagreement": 0.4, "cross_prompt_features": near}
+    assert diverse_priority(copy, False, [near]) == (1, 0, 0.4)
     assert diverse_priority({"cross_prompt_disagreement": 0.4}, True, []) is None
 
 

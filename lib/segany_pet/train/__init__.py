@@ -17,8 +17,8 @@ from segany_pet.train.data import (
     records_from_datastore,
     records_from_folder,
 )
-from segany_pet.train.fast import FastTrainer
 from segany_pet.train.distributed import DistributedContext, start_distributed
+from segany_pet.train.fast import FastTrainer
 from segany_pet.train.simulate import InteractiveStep, Prompt, first_prompt, segmentation_loss
 from segany_pet.train.trainer import (
     CHECKPOINT_LAST,
