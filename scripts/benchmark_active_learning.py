@@ -34,7 +34,11 @@ The encoder never changes, so the embeddings of every crop are computed once per
 caches keyed by scan and crop) while each model's decoder weights are swapped in.
 
     .venv/bin/python scripts/benchmark_active_learning.py [--seeds 0 1 2] [--review-seeds 0 1 2]
-        [--pool-cases 40] [--test-cases 10] [--rounds 4] [--per-round 3] [--steps 100] [--out work/active]
+        [--pool-cases 40] [--test-cases 10] [--rounds 4] [--per-round 3] [--steps 60] [--out work/active]
+        [--merge OTHER/results.json ...]
+
+Seeds run side by side as separate processes (``--threads 1``, their own ``--out``), and one of them, or a
+run with ``--seeds`` and ``--review-seeds`` empty, merges the others' results.json into one summary.
 """
 
 from __future__ import annotations
@@ -135,7 +139,9 @@ class SharedEncoder:
         self.model = load_checkpoint(start)
         self.frozen = self._fingerprint()
         self.scoring = Predictor(self.model, cache_size=100_000, max_windows=1, scale_ensemble=False)
-        self.testing = Predictor(self.model, cache_size=100_000, scale_ensemble=False)
+        # Two windows per object at most, as the trainer's validation: an early decoder following a blob across
+        # the body would cost the run more than the figure gains.
+        self.testing = Predictor(self.model, cache_size=100_000, max_windows=2, scale_ensemble=False)
 
     def _fingerprint(self) -> str:
         digest = hashlib.sha256()
@@ -400,14 +406,16 @@ def main() -> None:
     parser.add_argument("--test-cases", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--per-round", type=int, default=3)
-    parser.add_argument("--start-steps", type=int, default=300, help="fast steps of the start model")
+    parser.add_argument("--start-steps", type=int, default=200, help="fast steps of the start model")
     parser.add_argument("--start-lr", type=float, default=1e-3)
-    parser.add_argument("--steps", type=int, default=100, help="fast steps per round")
+    parser.add_argument("--steps", type=int, default=60, help="fast steps per round")
     parser.add_argument("--lr", type=float, default=3e-4)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--crops-per-object", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=REPO / "work" / "active")
+    parser.add_argument("--merge", type=Path, nargs="*", default=[],
+                        help="results.json files of runs over other seeds (e.g. run side by side) to summarise with")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(args.threads)
@@ -430,6 +438,12 @@ def main() -> None:
               f"{review['seconds']} s", flush=True)
     for seed in args.seeds:
         annotation_rounds(args, seed, results, save)
+    for other in args.merge:
+        merged = json.loads(other.read_text())
+        for part in ("label_review", "rounds"):
+            results.setdefault(part, {}).update(merged.get(part, {}))
+    if args.merge:
+        save()
     if results.get("rounds"):
         save()
         summary = results["summary"]

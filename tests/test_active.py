@@ -17,7 +17,15 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from segany_pet.active.cross_prompt import PromptPair, hot_spot_threshold, hot_spots, liver_reference, score_scan
+from segany_pet.active.cross_prompt import (
+    PromptPair,
+    hot_spot_threshold,
+    hot_spots,
+    liver_reference,
+    scan_targets,
+    score_scan,
+)
+from segany_pet.active.organs import LESION_PROBABILITY, describe_hot_spots, shipped_classifier
 from segany_pet.active.scoring import (
     annotation_priority,
     coverage_distance,
@@ -122,6 +130,8 @@ def test_a_corrupted_label_scores_noisier_than_the_true_one(predictor):
     unlabeled = score_scan(session, session, max_hot_spots=4)
     assert "label_noise_score" not in unlabeled and unlabeled["targets"]["hot_spot"] >= 1
     assert 0.0 <= unlabeled["cross_prompt_disagreement"] <= 1.0
+    features = np.asarray(unlabeled["cross_prompt_features"])
+    assert features.shape == (16,) and abs(np.linalg.norm(features) - 1) < 1e-3
     json.dumps(unlabeled)  # goes into the datastore as is
 
 
@@ -359,3 +369,23 @@ def test_label_file_on_another_grid_is_reported(tmp_path, predictor):
     assert result["failed"] == 1
     assert "image's grid" in datastore.get_image_info("scan0")["cross_prompt_error"]
     assert nib.load(datastore.get_image_uri("scan0")).shape == (56, 56, 72)  # the image untouched
+
+
+def test_the_shipped_hot_spot_classifier_tells_organs_from_lesions_on_unseen_phantoms():
+    """Phantoms of both tracers from seeds the classifier was not fitted on: physiological uptake (bladder,
+    kidneys, brain, heart, salivary glands) is left out of the targets, most lesions are kept."""
+    organ_kept, lesion_kept = [], []
+    for index, tracer in enumerate(("fdg", "psma", "fdg", "psma")):
+        case = generate_case(7000 + index, tracer, "4mm", negative=False)
+        volume = PETVolume(case.suv, case.affine)
+        liver = liver_reference(volume)
+        threshold = hot_spot_threshold(volume, liver)
+        spots = hot_spots(volume, threshold, limit=48)
+        features, _ = describe_hot_spots(volume, spots, threshold, liver)
+        kept = shipped_classifier().lesion_probability(features) >= LESION_PROBABILITY
+        for spot, keep in zip(spots, kept, strict=True):
+            (lesion_kept if case.lesions[tuple(spot)] else organ_kept).append(bool(keep))
+        plan = scan_targets(volume, liver=liver)
+        assert plan.organ_spots == int((~kept).sum()) and all(t.kind == "hot_spot" for t in plan.targets)
+    assert len(organ_kept) >= 40 and np.mean(organ_kept) <= 0.1, np.mean(organ_kept)
+    assert len(lesion_kept) >= 5 and np.mean(lesion_kept) >= 0.6, np.mean(lesion_kept)

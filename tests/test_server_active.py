@@ -91,7 +91,7 @@ def test_scoring_then_strategies_serve_disputed_scans_and_suspicious_labels(serv
     first, second = next_sample("disagreement", "ann"), next_sample("disagreement", "bob")
     assert [first["id"], second["id"]] == unlabeled  # the most disputed first, never the same to two clients
     assert first["lease"]["client_id"] == "ann" and first["path"].endswith(f"{first['id']}.nii.gz")
-    assert "cross_prompt_worst" in first
+    assert "cross_prompt_worst" in first and first["ranked_by"] == "cross_prompt_disagreement"
     assert next_sample("disagreement", "carl") == {}  # both leased for 10 minutes
     anonymous = requests.post(f"{server}/activelearning/disagreement", json={}, timeout=30)
     assert anonymous.status_code == 200 and anonymous.json() == {}
@@ -100,6 +100,9 @@ def test_scoring_then_strategies_serve_disputed_scans_and_suspicious_labels(serv
                      reverse=True)
     review = next_sample("label_review", "dora")
     assert review["id"] == labeled[0] and review["label_noise_score"] == scores[labeled[0]]["label_noise_score"]
+    assert review["ranked_by"] == "label_noise_score"
+    # Both unlabeled scans are leased: the diverse strategy has nothing left either.
+    assert next_sample("disagreement_diverse", "erin") == {}
 
     again = requests.post(f"{server}/scoring/cross_prompt", json={}, timeout=30)
     assert again.status_code == 200

@@ -19,7 +19,7 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import ndimage
+from scipy import ndimage, special
 
 from segany_pet.active.organs import LESION_PROBABILITY, HotSpotClassifier, describe_hot_spots, shipped_classifier
 from segany_pet.pet import PETVolume
@@ -93,7 +93,7 @@ def probability_in(region: tuple[slice, ...], placed) -> np.ndarray:
     if placed is not None:
         block_box, block = placed
         local = tuple(slice(b.start - r.start, b.stop - r.start) for b, r in zip(block_box, region, strict=True))
-        probability[local] = 1 / (1 + np.exp(-np.asarray(block)))
+        probability[local] = special.expit(np.asarray(block, dtype=np.float32))
     return probability
 
 

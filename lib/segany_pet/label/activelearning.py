@@ -131,10 +131,12 @@ class LeasedStrategy(Strategy):
     Needs the app's PETDatastore (its ``lease_best`` chooses and leases in one transaction).
     """
 
-    def __init__(self, name: str, description: str, priority, lease_minutes: float = 30.0, diverse: bool = False):
+    def __init__(self, name: str, description: str, priority, ranked_by: str, lease_minutes: float = 30.0,
+                 diverse: bool = False):
         super().__init__(description)
         self.name = name
         self.priority = priority
+        self.ranked_by = ranked_by  # the info key(s) the order rests on, told to the client
         self.lease_seconds = 60.0 * lease_minutes
         # priority(info, labeled, taken): also ranks by the scans already labeled or leased (their features).
         self.diverse = diverse
@@ -157,7 +159,7 @@ class LeasedStrategy(Strategy):
         if chosen is None:
             return {}
         image_id, info = chosen
-        return {"id": image_id, "strategy": self.name, "lease": info["lease"],
+        return {"id": image_id, "strategy": self.name, "lease": info["lease"], "ranked_by": self.ranked_by,
                 **{key: info[key] for key in ("cross_prompt_disagreement", "label_noise_score",
                                               "cross_prompt_worst", "label_noise_worst") if key in info}}
 
@@ -175,14 +177,16 @@ class LeasedStrategy(Strategy):
 
 def disagreement_strategy(lease_minutes: float) -> LeasedStrategy:
     return LeasedStrategy("disagreement", "Unlabeled scan where point- and box-prompted models disagree most",
-                          annotation_priority, lease_minutes)
+                          annotation_priority, "cross_prompt_disagreement", lease_minutes)
 
 
 def diverse_disagreement_strategy(lease_minutes: float) -> LeasedStrategy:
     return LeasedStrategy("disagreement_diverse", "Unlabeled scan of high disagreement, unlike the scans already "
-                          "labeled or leased (score-weighted k-center)", diverse_priority, lease_minutes, diverse=True)
+                          "labeled or leased (score-weighted k-center)", diverse_priority,
+                          "cross_prompt_disagreement x distance to the nearest labeled or leased cross_prompt_features",
+                          lease_minutes, diverse=True)
 
 
 def label_review_strategy(lease_minutes: float) -> LeasedStrategy:
     return LeasedStrategy("label_review", "Labeled scan whose label the models' consensus contradicts most",
-                          review_priority, lease_minutes)
+                          review_priority, "label_noise_score", lease_minutes)

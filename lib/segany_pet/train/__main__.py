@@ -3,6 +3,7 @@
     python -m segany_pet.train --images DIR --labels DIR --out DIR [--config train.json] [--epochs N] ...
     torchrun --nproc_per_node=2 -m segany_pet.train --images DIR --labels DIR --out DIR ...
     python -m segany_pet.train ... --method cpcl --tiers tiers.json      # CPCL on expert and noisy labels
+    python -m segany_pet.train ... --init-checkpoint M.pt --fast         # the fast loop: decoder only
 
 ``--config`` is a JSON object of TrainConfig fields; the flags override it. ``--tiers`` is a JSON object
 {case id: "high" | "low"} (cases it leaves out are "high").
@@ -40,11 +41,15 @@ def main(argv: list[str] | None = None, prog: str = "python -m segany_pet.train"
     parser.add_argument("--tiers", help="JSON file {case id: 'high' or 'low'} (label quality; default high)")
     for flag, (name, kind) in FLAGS.items():
         parser.add_argument(flag, type=kind, dest=name)
+    parser.add_argument("--fast", action="store_true",
+                        help="freeze the image encoder, encode each crop once, train the prompt encoder and decoder")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     options = json.loads(open(args.config).read()) if args.config else {}
     options.update({name: getattr(args, name) for name, _ in FLAGS.values() if getattr(args, name) is not None})
     options["output_dir"] = args.out
+    if args.fast:
+        options["fast"] = True
     tiers = json.loads(open(args.tiers).read()) if args.tiers else None
     stats = make_trainer(TrainConfig.from_dict(options), records_from_folder(args.images, args.labels, tiers)).run()
     if stats:

@@ -1,11 +1,12 @@
 """The fast annotation loop: the image encoder frozen, every training crop encoded once, and only the prompt
 encoder and mask decoder trained, on the cached embeddings.
 
-After an annotator saves a batch of labels, a full fine-tuning step encodes every crop again (the encoder is
-about 90% of a step's time on a CPU). With the encoder frozen the crops' embeddings do not change, so
+After an annotator saves a batch of labels, a full fine-tuning step encodes every crop again, and the
+encoder's forward and backward pass is most of a step's time on a CPU (scripts/benchmark_fast_training.py).
+With the encoder frozen the crops' embeddings do not change, so
 `EncodedCrops` draws ``fast_crops_per_object`` jittered, intensity-scaled crops of every labeled object (and
 hot-spot crops in the configured share) once, encodes them in batches without gradients, and keeps them
-(bfloat16, half the memory: a 0.4% embedding error, below what training notices). `FastTrainer` then draws
+(bfloat16: half the memory; rounding moves each value by at most 0.4%). `FastTrainer` then draws
 its batches from that store by the sampler's weights, with fresh opening and corrective clicks every time.
 Everything else (checkpoints, resume, validation, stop, progress, publishing only a better model) is the
 plain trainer's. ``TrainConfig(fast=True)``; over REST ``POST /train/segany_pet {"fast": true}``.
@@ -33,13 +34,12 @@ FROZEN = ("image_encoder", "detail_encoder")  # what `Sam3D.embed` runs
 class EncodedCrop:
     """One crop's embedding and the targets prompted on it (its object first, then its neighbours)."""
 
-    __slots__ = ("embedding", "targets", "click_hint", "case_id")
+    __slots__ = ("embedding", "targets", "click_hint")
 
     def __init__(self, embedding: torch.Tensor, sample: CropSample):
         self.embedding = embedding.to(CACHE_DTYPE)
         self.targets = [sample.target, *(target for _, target in sample.neighbours)]
         self.click_hint = sample.click_hint
-        self.case_id = sample.case_id
 
 
 class EncodedCrops:
