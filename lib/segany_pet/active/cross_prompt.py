@@ -242,7 +242,7 @@ def scan_targets(volume: PETVolume, label: np.ndarray | None = None, liver: dict
     features, grown = describe_hot_spots(volume, spots, threshold, liver)
     lesion_like = (classifier.lesion_probability(features) >= LESION_PROBABILITY if spots
                    else np.zeros(0, dtype=bool))
-    kept = [i for i in np.flatnonzero(lesion_like)][:max_hot_spots]
+    kept = np.flatnonzero(lesion_like)[:max_hot_spots]
     for i in kept:
         spot, region = spots[i], grown[i]
         voxels = np.argwhere(region.mask) + [s.start for s in region.box]
