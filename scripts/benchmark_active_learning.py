@@ -44,16 +44,14 @@ run with ``--seeds`` and ``--review-seeds`` empty, merges the others' results.js
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
-import statistics
 import time
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import torch
-from benchmark_cpcl import auroc, noisy_labels, write_cohort
+from benchmark_cpcl import SharedEncoder, auroc, interval, noisy_labels, write_cohort
 
 from segany_pet.active.audit import pyplot_agg
 from segany_pet.active.cross_prompt import TOP_TARGETS, scan_targets, score_scan
@@ -65,19 +63,17 @@ from segany_pet.active.scoring import (
 )
 from segany_pet.evaluate.baselines import regions_from_clicks
 from segany_pet.evaluate.interactive import evaluate_case, summarise
-from segany_pet.model import build_model, load_checkpoint
+from segany_pet.model import load_checkpoint
 from segany_pet.model.checkpoint import save_checkpoint
 from segany_pet.pet import load_nifti
 from segany_pet.phantom.label_noise import NOISE_KINDS
-from segany_pet.predictor import Predictor
 from segany_pet.train import MODEL_BEST
-from segany_pet.train.fast import FROZEN, FastTrainer
+from segany_pet.train.fast import FastTrainer, fresh_decoder
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL = REPO / "model" / "segany_pet_small.pt"
 ARMS = ("random", "foreground", "epistemic", "disagreement", "disagreement_diverse")
 DROPOUT, DROPOUT_SAMPLES = 0.1, 8
-T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -131,42 +127,9 @@ class Scans:
         return np.asarray(nib.load(self.folder / "truth" / f"{case_id}_lesions.nii.gz").dataobj).astype(np.int32)
 
 
-class SharedEncoder:
-    """One model whose encoder stays the start model's; each arm's decoder weights are loaded into it in turn,
-    so the two Predictors' embedding caches (pool scoring, test evaluation) stay valid."""
-
-    def __init__(self, start: Path):
-        self.model = load_checkpoint(start)
-        self.frozen = self._fingerprint()
-        self.scoring = Predictor(self.model, cache_size=100_000, max_windows=1, scale_ensemble=False)
-        # Two windows per object at most, as the trainer's validation: an early decoder following a blob across
-        # the body would cost the run more than the figure gains.
-        self.testing = Predictor(self.model, cache_size=100_000, max_windows=2, scale_ensemble=False)
-
-    def _fingerprint(self) -> str:
-        digest = hashlib.sha256()
-        for name, tensor in self.model.state_dict().items():
-            if name.split(".")[0] in FROZEN:
-                digest.update(tensor.numpy().tobytes())
-        return digest.hexdigest()
-
-    def use(self, model_file: Path) -> None:
-        state = load_checkpoint(model_file).state_dict()
-        self.model.load_state_dict(state)
-        if self._fingerprint() != self.frozen:
-            raise RuntimeError(f"{model_file} changed the frozen encoder: the cached embeddings would be stale")
-        self.model.eval()
-
-
 def start_model(path: Path, seed: int) -> Path:
     """The shipped model's encoders with a freshly initialised prompt encoder and mask decoder."""
-    shipped = load_checkpoint(MODEL)
-    torch.manual_seed(seed)
-    fresh = build_model(shipped.preset)
-    for name in FROZEN:
-        if hasattr(shipped, name):
-            getattr(fresh, name).load_state_dict(getattr(shipped, name).state_dict())
-    save_checkpoint(fresh, path)
+    save_checkpoint(fresh_decoder(load_checkpoint(MODEL), seed), path)
     return path
 
 
@@ -269,7 +232,7 @@ def annotation_rounds(args, seed: int, results: dict, save) -> dict:
     init = start_model(folder / "start_init.pt", seed)
     start = train(folder / "run_start", init, [seed_scans.record(i) for i in seed_scans.ids], args.start_steps,
                   args.start_lr, seed, store, args)
-    shared = SharedEncoder(start)
+    shared = SharedEncoder(start, scoring=True)
     plans = {i: scan_targets(pool.volumes[i]) for i in pool.ids}
     weights = {i: foreground_weight(pool.volumes[i], plans[i]) for i in pool.ids}
     seed_features = []
@@ -320,14 +283,6 @@ def area(curve: list[dict], key: str) -> float:
     x = np.array([p["labeled"] for p in curve], dtype=float)
     y = np.array([p[key] for p in curve], dtype=float)
     return float(np.sum((y[1:] + y[:-1]) / 2 * np.diff(x)) / (x[-1] - x[0]))
-
-
-def interval(values: list[float]) -> tuple[float, float, float]:
-    mean = float(np.mean(values))
-    if len(values) < 2:
-        return mean, float("nan"), float("nan")
-    half = T_975.get(len(values) - 1, 1.96) * statistics.stdev(values) / np.sqrt(len(values))
-    return mean, mean - half, mean + half
 
 
 def needed(curve: list[dict], target: float, key: str) -> int | None:

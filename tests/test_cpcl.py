@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from segany_pet.model import build_model, load_checkpoint
+from segany_pet.model import build_model, load_checkpoint, save_checkpoint
 from segany_pet.pet import save_nifti
 from segany_pet.phantom import inject_label_noise
 from segany_pet.train import (
@@ -27,7 +27,16 @@ from segany_pet.train import (
     make_trainer,
     records_from_folder,
 )
-from segany_pet.train.cpcl import CORRECTED_DIR, MODEL_BOX, NOISE_REPORT, CPCLStep, CPCLTrainer, cross_supervision_loss
+from segany_pet.train.cpcl import (
+    CORRECTED_DIR,
+    MODEL_BOX,
+    NOISE_REPORT,
+    CPCLStep,
+    CPCLTrainer,
+    FastCPCLTrainer,
+    cross_supervision_loss,
+)
+from segany_pet.train.fast import FROZEN
 from segany_pet.train.simulate import first_prompt, jittered_box
 from support import TINY, train_under_torchrun
 
@@ -209,3 +218,37 @@ def test_cpcl_under_torchrun_keeps_both_replicas_identical_across_ranks(tiered, 
     assert ranks[0]["weights"] == ranks[1]["weights"] and ranks[0]["box_weights"] == ranks[1]["box_weights"]
     assert ranks[0]["weights"] != ranks[0]["box_weights"]
     assert set(ranks[0]["drawn"]).isdisjoint(ranks[1]["drawn"])
+
+
+def test_fast_cpcl_trains_both_decoders_on_one_store_of_the_shared_frozen_encoder(tiered, tmp_path):
+    torch.manual_seed(5)
+    point_start = build_model(TINY_3MM)
+    save_checkpoint(point_start, tmp_path / "point.pt")
+    torch.manual_seed(6)
+    box_start = build_model(TINY_3MM)
+    for name in FROZEN:  # the box replica's own decoder on the same encoder
+        if hasattr(point_start, name):
+            getattr(box_start, name).load_state_dict(getattr(point_start, name).state_dict())
+    save_checkpoint(box_start, tmp_path / "box.pt")
+    store: dict = {}
+    trainer = make_trainer(cpcl_config(tmp_path / "run", fast=True, fast_crops_per_object=1,
+                                       init_checkpoint=str(tmp_path / "point.pt"),
+                                       cpcl_box_checkpoint=str(tmp_path / "box.pt")), tiered, crop_store=store)
+    assert isinstance(trainer, FastCPCLTrainer)
+    stats = trainer.run()
+    assert stats["status"] == "finished" and stats["cpcl"]["stage"] == 2 and stats["fast"]["encoded_crops"] > 0
+    assert stats["cpcl"]["low_tier_crops_seen"]  # stage 2 drew low-tier crops from the store
+    point, box = (load_checkpoint(tmp_path / "run" / name).state_dict() for name in (MODEL_BEST, MODEL_BOX))
+    for name, start in ((point, point_start.state_dict()), (box, box_start.state_dict())):
+        frozen = [k for k in start if k.split(".")[0] in FROZEN]
+        trained = [k for k in start if k.split(".")[0] in ("prompt_encoder", "mask_decoder")]
+        assert frozen and all(torch.equal(name[k], start[k]) for k in frozen)
+        assert any(not torch.equal(name[k], start[k]) for k in trained)
+    assert any(not torch.equal(point[k], box[k]) for k in point if k.startswith("mask_decoder"))
+    assert json.loads((tmp_path / "run" / NOISE_REPORT).read_text())["cases"]
+
+    other = build_model(TINY_3MM)  # another encoder: the replicas could not share one store
+    save_checkpoint(other, tmp_path / "other.pt")
+    with pytest.raises(Exception, match="another encoder"):
+        make_trainer(cpcl_config(tmp_path / "mismatch", fast=True, init_checkpoint=str(tmp_path / "point.pt"),
+                                 cpcl_box_checkpoint=str(tmp_path / "other.pt")), tiered).run()

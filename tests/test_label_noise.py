@@ -10,6 +10,7 @@ import pytest
 from scipy import ndimage
 
 from segany_pet.phantom import NOISE_KINDS, inject_label_noise, write_cohort, write_noisy_labels
+from segany_pet.phantom.label_noise import IMAGE_KINDS
 
 SPACING = (4.0, 4.0, 4.0)
 CENTRES = ((12, 12, 12), (12, 30, 30), (30, 12, 40), (30, 32, 14))
@@ -26,6 +27,13 @@ def instance_map() -> np.ndarray:
     return lesions
 
 
+def suv_image(lesions: np.ndarray) -> np.ndarray:
+    """Lesions of SUV 8 with a blurred rim, and one hot 'organ' (SUV 20) well away from them."""
+    suv = np.where(lesions > 0, 8.0, 1.0)
+    suv[36:42, 36:42, 2:8] = 20.0
+    return ndimage.gaussian_filter(suv, 1.0).astype(np.float32)
+
+
 def dice(a, b) -> float:
     return 2.0 * np.logical_and(a, b).sum() / (a.sum() + b.sum())
 
@@ -35,6 +43,46 @@ def only(kind: str, seed: int = 0):
     noisy, record = inject_label_noise(lesions, SPACING, seed, rate=1.0, kinds=[kind])
     assert record["corrupted"] and [op["kind"] for op in record["operations"]] == [kind]
     return lesions, noisy, record["operations"][0], record
+
+
+def test_without_an_image_no_image_kind_is_drawn():
+    lesions = instance_map()
+    for seed in range(40):
+        _, record = inject_label_noise(lesions, SPACING, seed, rate=1.0)
+        assert not {op["kind"] for op in record["operations"]} & set(IMAGE_KINDS)
+    with pytest.raises(ValueError, match="shape"):
+        inject_label_noise(lesions, SPACING, 0, rate=1.0, suv=np.ones((4, 4, 4)))
+
+
+def test_threshold_outlines_are_the_41_percent_regions_of_the_chosen_lesions():
+    lesions = instance_map()
+    suv = suv_image(lesions)
+    for seed in range(5):
+        noisy, record = inject_label_noise(lesions, SPACING, seed, rate=1.0, kinds=["threshold"], suv=suv)
+        if not record["operations"]:  # the chosen lesions' outlines matched their labels: no corruption
+            assert record["corrupted"] is False and np.array_equal(noisy > 0, lesions > 0)
+            continue
+        operation = record["operations"][0]
+        for lesion_id in range(1, 5):
+            true = lesions == lesion_id
+            near = ndimage.binary_dilation(true, iterations=3)
+            if lesion_id in operation["lesion_ids"]:  # the blurred rim above 41% of SUVmax joins the outline
+                assert np.array_equal(noisy[near] > 0, suv[near] >= 0.41 * suv[true].max())
+            else:
+                assert np.array_equal(noisy[near] > 0, true[near])
+        assert operation["voxels_added"] == int(((noisy > 0) & (lesions == 0)).sum()) > 0
+
+
+def test_organ_uptake_is_labelled_away_from_every_lesion():
+    lesions = instance_map()
+    suv = suv_image(lesions)
+    distance = ndimage.distance_transform_edt(lesions == 0, sampling=SPACING)
+    for seed in range(5):
+        noisy, record = inject_label_noise(lesions, SPACING, seed, rate=1.0, kinds=["organ"], suv=suv)
+        added = (noisy > 0) & (lesions == 0)
+        assert added.any() and np.array_equal(noisy[lesions > 0], np.ones(int((lesions > 0).sum()), np.uint8))
+        assert distance[added].min() > 20.0 and suv[added].min() > 0.41 * 20.0 * 0.5
+        assert record["operations"][0]["voxels_added"] == int(added.sum())
 
 
 def test_rate_zero_changes_nothing():
@@ -48,8 +96,9 @@ def test_rate_zero_changes_nothing():
 def test_rate_one_corrupts_every_case_and_dice_is_reported():
     lesions = instance_map()
     kinds_seen = set()
-    for seed in range(30):
-        noisy, record = inject_label_noise(lesions, SPACING, seed, rate=1.0)
+    suv = suv_image(lesions)
+    for seed in range(40):
+        noisy, record = inject_label_noise(lesions, SPACING, seed, rate=1.0, suv=suv)
         assert record["corrupted"] is True and 1 <= len(record["operations"]) <= 3
         assert not np.array_equal(noisy, lesions > 0)
         assert record["dice"] == pytest.approx(dice(noisy > 0, lesions > 0), abs=1e-6)

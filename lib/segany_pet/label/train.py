@@ -52,7 +52,7 @@ REQUEST_FIELDS = {
     "low_tier_weight": float, "touching_weight": float, "hot_spot_share": float, "seed": int, "threads": int,
     "cpcl_warmup_epochs": int,
     "cpcl_agreement_threshold": float, "cpcl_uncertainty_threshold": float, "cpcl_uncertain_weight": float,
-    "cpcl_cross_weight": float, "cpcl_cross_confidence": float, "validate_start_model": bool,
+    "cpcl_cross_weight": float, "cpcl_cross_confidence": float, "cpcl_box_clicks": int, "validate_start_model": bool,
     "fast": bool, "fast_crops_per_object": int,
 }
 CORRECTED_TAG = "cpcl_corrected"

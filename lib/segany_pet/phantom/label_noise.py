@@ -2,7 +2,10 @@
 
 Each case is corrupted with probability ``rate``; a corrupted case gets one to three different
 operations: over-segmentation (dilate), under-segmentation (erode), shift (a misregistered copy),
-missed lesions, spurious components, boundary jitter. The record lists exactly what was done
+missed lesions, spurious components, boundary jitter and, given the SUV image, the two mistakes of
+quick threshold labelling: outlines replaced by 41%-of-SUVmax regions (which bleed into neighbouring
+uptake or stop short of a heterogeneous lesion) and hot physiological uptake labelled as a lesion. The
+record lists exactly what was done
 (lesion ids, parameters, voxels changed) and the Dice of the noisy against the true mask, so
 noise-robust training and label auditing can be scored against it.
 """
@@ -20,10 +23,15 @@ from scipy import ndimage
 
 from segany_pet.pet import save_nifti
 
-NOISE_KINDS = ("over", "under", "shift", "missed", "spurious", "jitter")
+NOISE_KINDS = ("over", "under", "shift", "missed", "spurious", "jitter", "threshold", "organ")
+IMAGE_KINDS = ("threshold", "organ")  # need the SUV image; without one they are never drawn
 # Operations run in this order whatever order they were drawn in, so a dropped lesion stays
 # dropped and spurious blobs are added last, away from every true lesion.
-_ORDER = ("missed", "shift", "over", "under", "jitter", "spurious")
+_ORDER = ("missed", "threshold", "shift", "over", "under", "jitter", "spurious", "organ")
+THRESHOLD = 0.41  # of SUVmax: the common fixed-threshold outline (pet.md)
+THRESHOLD_MARGIN_MM = 8.0  # how far a threshold outline may reach beyond the lesion's box (the tool's box)
+ORGAN_CLEARANCE_MM = 20.0  # labelled organ uptake keeps this far from every true lesion
+ORGAN_REACH_MM = 15.0  # ... and covers at most this far around the clicked voxel
 _CUBE = np.ones((3, 3, 3), dtype=bool)
 # Spurious components get ids from here on, so they never reuse the id of a true lesion.
 SPURIOUS_ID_BASE = 1 << 20
@@ -56,13 +64,15 @@ def inject_label_noise(
     rate: float,
     kinds=None,
     body: np.ndarray | None = None,
+    suv: np.ndarray | None = None,
 ) -> tuple[np.ndarray, dict]:
     """A noisy binary lesion mask (uint8) and the record of what was done to it.
 
     ``lesions`` is an instance map (0 background, lesion n = n); ``spacing`` in mm per axis;
     ``kinds`` limits the operations (default all of NOISE_KINDS); ``body`` (bool, same shape),
-    when given, is where spurious components may appear, else they appear near true lesions.
-    Deterministic per seed.
+    when given, is where spurious components may appear, else they appear near true lesions;
+    ``suv`` (float, same shape) enables IMAGE_KINDS. Without it a seed draws what it drew before they
+    existed. Deterministic per seed.
     """
     kinds = list(NOISE_KINDS if kinds is None else kinds)
     unknown = sorted(set(kinds) - set(NOISE_KINDS))
@@ -84,14 +94,18 @@ def inject_label_noise(
     }
 
     if rng.random() < rate:
-        usable = kinds if ids else [k for k in kinds if k == "spurious"]
+        if suv is None:
+            kinds = [k for k in kinds if k not in IMAGE_KINDS]
+        elif suv.shape != lesions.shape:
+            raise ValueError(f"SUV image {suv.shape} and lesion map {lesions.shape} differ in shape")
+        usable = kinds if ids else [k for k in kinds if k in ("spurious", "organ")]
         if usable:
             wanted = 1 + int(rng.random() < 0.35) + int(rng.random() < 0.1)
             drawn = [str(k) for k in rng.choice(usable, size=min(wanted, len(usable)), replace=False)]
             if "over" in drawn and "under" in drawn:  # opposite edits of the same boundary: keep one
                 drawn.remove(drawn[max(drawn.index("over"), drawn.index("under"))])
             for kind in sorted(drawn, key=_ORDER.index):
-                operation = _OPERATIONS[kind](work, truth, spacing, rng, body)
+                operation = _OPERATIONS[kind](work, truth, spacing, rng, body, suv)
                 if operation is not None:
                     record["operations"].append({"kind": kind, **operation})
         record["corrupted"] = bool(record["operations"])
@@ -110,7 +124,7 @@ def _present(work: np.ndarray) -> list[int]:
     return [int(i) for i in np.flatnonzero(np.bincount(work.ravel())) if i > 0]
 
 
-def _missed(work, truth, spacing, rng, body):
+def _missed(work, truth, spacing, rng, body, suv):
     present = _present(work)
     if not present:
         return None
@@ -121,7 +135,7 @@ def _missed(work, truth, spacing, rng, body):
     return {"lesion_ids": dropped, "voxels_removed": int(removed.sum())}
 
 
-def _shift(work, truth, spacing, rng, body):
+def _shift(work, truth, spacing, rng, body, suv):
     present = _present(work)
     if not present:
         return None
@@ -182,15 +196,15 @@ def _grow_or_shrink(work, rng, grow: bool):
     return {"lesion_ids": chosen, "radius_voxels": radius, ("voxels_added" if grow else "voxels_removed"): changed}
 
 
-def _over(work, truth, spacing, rng, body):
+def _over(work, truth, spacing, rng, body, suv):
     return _grow_or_shrink(work, rng, grow=True)
 
 
-def _under(work, truth, spacing, rng, body):
+def _under(work, truth, spacing, rng, body, suv):
     return _grow_or_shrink(work, rng, grow=False)
 
 
-def _jitter(work, truth, spacing, rng, body):
+def _jitter(work, truth, spacing, rng, body, suv):
     present = _present(work)
     if not present:
         return None
@@ -215,7 +229,7 @@ def _jitter(work, truth, spacing, rng, body):
     return {"lesion_ids": present, "flip_probability": round(flip, 4), "voxels_added": added, "voxels_removed": removed}
 
 
-def _spurious(work, truth, spacing, rng, body):
+def _spurious(work, truth, spacing, rng, body, suv):
     shape = np.array(work.shape)
     clearance_mm = 20.0
     reach = np.ceil(clearance_mm / spacing).astype(int)
@@ -266,6 +280,70 @@ def _spurious(work, truth, spacing, rng, body):
     return {"lesion_ids": [], "components": blobs, "voxels_added": sum(b["voxels"] for b in blobs)}
 
 
+def _margin(box, margin_mm: float, spacing, shape):
+    pad = np.ceil(margin_mm / spacing).astype(int)
+    return tuple(slice(max(s.start - p, 0), min(s.stop + p, n)) for s, p, n in zip(box, pad, shape, strict=True))
+
+
+def _threshold_region(values: np.ndarray, peak_at: tuple, allowed: np.ndarray) -> np.ndarray:
+    """The connected region of ``values`` >= THRESHOLD x the value at ``peak_at`` that holds it, within
+    ``allowed``: what a fixed-threshold tool outlines from a click at the peak."""
+    above = (values >= THRESHOLD * values[peak_at]) & allowed
+    components, _ = ndimage.label(above, structure=_CUBE)
+    return components == components[peak_at]
+
+
+def _threshold(work, truth, spacing, rng, body, suv):
+    present = _present(work)
+    if not present:
+        return None
+    chosen = _some(rng, present, 0.6)
+    boxes = ndimage.find_objects(work)
+    added = removed = 0
+    for lesion_id in chosen:
+        box = _margin(boxes[lesion_id - 1], THRESHOLD_MARGIN_MM, spacing, work.shape)
+        region, values = work[box], suv[box]
+        mask = region == lesion_id
+        peak = np.unravel_index(int(np.argmax(np.where(mask, values, -np.inf))), mask.shape)
+        outline = _threshold_region(values, peak, (region == 0) | mask)  # other lesions keep their voxels
+        region[mask & ~outline] = 0
+        region[outline & ~mask] = lesion_id
+        added += int((outline & ~mask).sum())
+        removed += int((mask & ~outline).sum())
+    if not added + removed:  # outlines that match the label are no corruption
+        return None
+    return {"lesion_ids": chosen, "threshold": THRESHOLD, "voxels_added": added, "voxels_removed": removed}
+
+
+def _organ(work, truth, spacing, rng, body, suv):
+    clear = ndimage.distance_transform_edt(~truth, sampling=spacing) > ORGAN_CLEARANCE_MM if truth.any() else \
+        np.ones(truth.shape, dtype=bool)
+    clear &= work == 0
+    inside = suv[clear]
+    if inside.size == 0:
+        return None
+    hot = clear & (suv >= np.quantile(inside, 0.998))  # the brightest uptake away from lesions: organs
+    candidates = np.argwhere(hot)
+    components = []
+    next_id = max(int(work.max()) + 1, SPURIOUS_ID_BASE)
+    for _ in range(int(rng.integers(1, 3))):
+        if not len(candidates):
+            break
+        centre = tuple(int(c) for c in candidates[rng.integers(len(candidates))])
+        point = tuple(slice(c, c + 1) for c in centre)
+        box = _margin(point, ORGAN_REACH_MM, spacing, work.shape)
+        region, values = work[box], suv[box]
+        local = tuple(c - s.start for c, s in zip(centre, box, strict=True))
+        new = _threshold_region(values, local, (region == 0) & clear[box])
+        region[new] = next_id
+        components.append({"centre_voxel": list(centre), "suv": round(float(suv[centre]), 3), "voxels": int(new.sum())})
+        next_id += 1
+        candidates = candidates[work[tuple(candidates.T)] == 0]
+    if not components:
+        return None
+    return {"lesion_ids": [], "components": components, "voxels_added": sum(c["voxels"] for c in components)}
+
+
 _OPERATIONS = {
     "missed": _missed,
     "shift": _shift,
@@ -273,6 +351,8 @@ _OPERATIONS = {
     "under": _under,
     "jitter": _jitter,
     "spurious": _spurious,
+    "threshold": _threshold,
+    "organ": _organ,
 }
 
 
@@ -283,7 +363,8 @@ def write_noisy_labels(
 
     Writes ``out_tag_dir/<case>.nii.gz`` (uint8, the image's grid) and
     ``out_tag_dir/noise_records.json`` ({rate, seed, kinds, cases: {case: record}}); returns that
-    dict. Each case's noise depends only on (seed, case id), so subsets of a cohort agree.
+    dict. Each case's noise depends only on (seed, case id), so subsets of a cohort agree. The SUV image
+    (``images/<case>.nii.gz``), where there is one, enables IMAGE_KINDS.
     """
     paths = sorted(glob.glob(os.path.join(cohort_dir, "truth", "*_lesions.nii.gz")))
     if not paths:
@@ -296,8 +377,10 @@ def write_noisy_labels(
         lesions = np.asarray(image.dataobj).astype(np.int32)
         organs_path = os.path.join(cohort_dir, "truth", f"{case_id}_organs.nii.gz")
         body = np.asarray(nib.load(organs_path).dataobj) > 0 if os.path.exists(organs_path) else None
+        image_path = os.path.join(cohort_dir, "images", f"{case_id}.nii.gz")
+        suv = np.asarray(nib.load(image_path).dataobj, dtype=np.float32) if os.path.exists(image_path) else None
         case_seed = int(np.random.SeedSequence([int(seed), zlib.crc32(case_id.encode())]).generate_state(1)[0])
-        noisy, record = inject_label_noise(lesions, image.header.get_zooms()[:3], case_seed, rate, kinds, body)
+        noisy, record = inject_label_noise(lesions, image.header.get_zooms()[:3], case_seed, rate, kinds, body, suv)
         save_nifti(noisy, image.affine, os.path.join(out_tag_dir, f"{case_id}.nii.gz"))
         cases[case_id] = record
     summary = {"rate": float(rate), "seed": int(seed), "kinds": list(kinds or NOISE_KINDS), "cases": cases}

@@ -3,7 +3,7 @@ with checkpoints, resume, validation and progress (trainer), Cross-Prompt Confid
 loop on cached embeddings (fast), and torchrun support (distributed). `make_trainer` picks the trainer a
 TrainConfig's ``method`` and ``fast`` name."""
 
-from segany_pet.train.cpcl import CPCLTrainer, confidence_targets, noise_report
+from segany_pet.train.cpcl import CPCLTrainer, FastCPCLTrainer, confidence_targets, noise_report
 from segany_pet.train.data import (
     TIERS,
     CropSample,
@@ -33,14 +33,19 @@ from segany_pet.train.trainer import (
 
 
 def make_trainer(config: TrainConfig | dict, records, val_records=None, **callbacks) -> Trainer:
-    """The trainer for ``config.method``: Trainer ("plain"; FastTrainer with ``fast``) or CPCLTrainer ("cpcl")."""
+    """The trainer for ``config.method`` and ``fast``: Trainer or FastTrainer ("plain"), CPCLTrainer or
+    FastCPCLTrainer ("cpcl"). ``crop_store`` (fast trainers): see `EncodedCrops`."""
     config = config if isinstance(config, TrainConfig) else TrainConfig.from_dict(config)
-    trainer_class = CPCLTrainer if config.method == "cpcl" else FastTrainer if config.fast else Trainer
+    if config.method == "cpcl":
+        trainer_class = FastCPCLTrainer if config.fast else CPCLTrainer
+    else:
+        trainer_class = FastTrainer if config.fast else Trainer
     return trainer_class(config, records, val_records, **callbacks)
 
 
 __all__ = [
     "CPCLTrainer",
+    "FastCPCLTrainer",
     "confidence_targets",
     "make_trainer",
     "noise_report",

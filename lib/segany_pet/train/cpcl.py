@@ -16,6 +16,7 @@ something. Labels come in two tiers (``high``: expert, ``low``: noisy).
 
 The point replica is the model served to annotators (validation and ``model_best.pt``); the box replica is
 saved beside it as ``model_box.pt``. Every threshold and weight is a ``cpcl_*`` field of TrainConfig.
+`FastCPCLTrainer` runs the same in the fast loop (fast.py): both replicas on one frozen encoder.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from segany_pet.pet import save_nifti
 from segany_pet.predictor import Predictor
 from segany_pet.prompts import centre_click
 from segany_pet.train.data import TrainingCase, TrainingDataError, load_cases
+from segany_pet.train.fast import FROZEN, EncodedCrops, freeze_encoder
 from segany_pet.train.simulate import InteractiveStep, Prompt, first_prompt, jittered_box
 from segany_pet.train.trainer import Trainer
 
@@ -114,17 +116,19 @@ class CPCLStep(nn.Module):
 
     def __init__(self, point_model: Sam3D, box_model: Sam3D, config):
         super().__init__()
-        common = (config.clicks_per_sample, config.loss_resolution, config.iou_loss_weight, config.bce_weight,
-                  config.first_click_weight)
-        self.point = InteractiveStep(point_model, *common)
-        self.box = InteractiveStep(box_model, *common)
+        common = (config.loss_resolution, config.iou_loss_weight, config.bce_weight, config.first_click_weight)
+        self.point = InteractiveStep(point_model, config.clicks_per_sample, *common)
+        self.box = InteractiveStep(box_model, config.cpcl_box_clicks, *common)
         self.config = config
+
+    def embed(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.point.embed(images), self.box.embed(images)
 
     def forward(self, images, targets, point_prompts: list[Prompt], box_prompts: list[Prompt],
                 low_tier: torch.Tensor, confident_learning: bool):
         config = self.config
         size = targets.shape[-1]
-        point_embeddings, box_embeddings = self.point.embed(images), self.box.embed(images)
+        point_embeddings, box_embeddings = self.embed(images)
         point_opening = self.point.decode(point_embeddings, point_prompts, None)
         box_opening = self.box.decode(box_embeddings, box_prompts, None)
         point_logits = F.interpolate(point_opening[0], size=(size,) * 3, mode="trilinear", align_corners=False)
@@ -171,12 +175,18 @@ class CPCLTrainer(Trainer):
                                     "'high' or set cpcl_warmup_epochs to 0")
         # A different initialisation (or, fine-tuning, the same weights seen through boxes): the replicas differ.
         torch.manual_seed(config.seed + 1)
-        box_model = load_checkpoint(config.init_checkpoint) if config.init_checkpoint else build_model(
-            self.model.preset)
+        box_start = config.cpcl_box_checkpoint or config.init_checkpoint
+        box_model = load_checkpoint(box_start) if box_start else build_model(self.model.preset)
         self.box_model = box_model.to(self.context.device).train()
         self.noise_seen: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0])  # noisy, corrected, union voxels
         self.noise_cases: list[dict] | None = None  # the noise report's cases, once this job has written it
         return CPCLStep(self.model, self.box_model, config)
+
+    def _cpcl_batch(self) -> tuple[torch.Tensor, list[tuple]]:
+        """The step's model inputs (images) and its prompt sets: (case id, crop kind, target, click hint)."""
+        samples = self.sampler.batch(self.config.batch_size)
+        images = torch.stack([s.image for s in samples]).to(self.context.device)
+        return images, [(s.case_id, s.kind, s.target, s.click_hint) for s in samples]
 
     def _extra_checkpoint_state(self) -> dict:
         return {"box_model_state_dict": {k: v.detach().cpu() for k, v in self.box_model.state_dict().items()}}
@@ -192,22 +202,21 @@ class CPCLTrainer(Trainer):
         self.sampler.set_low_tier_weight(self.config.low_tier_weight if self.confident_learning else 0.0)
 
     def _train_step(self, step_module) -> dict[str, float]:
-        config, sampler = self.config, self.sampler
-        samples = sampler.batch(config.batch_size)
-        device = self.context.device
-        images = torch.stack([s.image for s in samples]).to(device)
-        targets = torch.stack([s.target for s in samples]).to(device)
-        tiers = {case.id: case.tier for case in sampler.cases}
-        low_tier = torch.as_tensor([s.kind == "object" and tiers[s.case_id] == "low" for s in samples], device=device)
+        config, device = self.config, self.context.device
+        inputs, sets = self._cpcl_batch()
+        targets = torch.stack([target for _, _, target, _ in sets]).to(device)
+        tiers = {case.id: case.tier for case in self.sampler.cases}
+        low_tier = torch.as_tensor([kind == "object" and tiers[case_id] == "low" for case_id, kind, _, _ in sets],
+                                   device=device)
         point_prompts, box_prompts = [], []
-        for sample in samples:
-            target = sample.target.numpy()
-            point_prompts.append(first_prompt(target, self.prompt_rng, 0.0, 0.0, sample.click_hint))
-            if sample.click_hint is None and target.any():
+        for _, _, target, click_hint in sets:
+            target = target.numpy()
+            point_prompts.append(first_prompt(target, self.prompt_rng, 0.0, 0.0, click_hint))
+            if click_hint is None and target.any():
                 box_prompts.append(Prompt(box=jittered_box(target, self.prompt_rng)))
             else:  # a hot spot: nothing to draw a box around, both replicas get the click
                 box_prompts.append(Prompt(list(point_prompts[-1].points), list(point_prompts[-1].labels)))
-        loss, info = step_module(images, targets, point_prompts, box_prompts, low_tier, self.confident_learning)
+        loss, info = step_module(inputs, targets, point_prompts, box_prompts, low_tier, self.confident_learning)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if config.grad_clip:
@@ -217,10 +226,10 @@ class CPCLTrainer(Trainer):
         self.scheduler.step()
         noise = info["noise"]
         for position, row in enumerate(noise.get("rows", [])):
-            seen = self.noise_seen[samples[row].case_id]
+            seen = self.noise_seen[sets[row][0]]
             for index, key in enumerate(("noisy_voxels", "corrected_voxels", "union_voxels")):
                 seen[index] += int(noise[key][position])
-        return {"loss": float(loss.detach()) / (2 * config.clicks_per_sample),
+        return {"loss": float(loss.detach()) / (config.clicks_per_sample + config.cpcl_box_clicks),
                 "dice_first": info["iteration_dice"][0], "dice_last": info["iteration_dice"][-1]}
 
     def _after_training(self) -> None:
@@ -244,6 +253,46 @@ class CPCLTrainer(Trainer):
             record["suspicious_labels"] = [{k: case[k] for k in ("id", "noise_score", "corrected_voxels")}
                                            for case in self.noise_cases]
         return {"cpcl": record}
+
+
+class FastCPCLStep(CPCLStep):
+    """`CPCLStep` on cached embeddings of the replicas' shared, frozen encoder."""
+
+    def embed(self, embeddings: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return embeddings, embeddings
+
+
+class FastCPCLTrainer(CPCLTrainer):
+    """CPCL in the fast loop (fast.py): both replicas keep the init checkpoint's encoder, frozen, so one store
+    of encoded crops serves both and a step trains two prompt encoders and mask decoders. The box replica may
+    start from its own decoder (``cpcl_box_checkpoint``), never from another encoder."""
+
+    def __init__(self, *args, crop_store: dict | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.crop_store = crop_store
+
+    def _step_module(self) -> nn.Module:
+        super()._step_module()
+        config = self.config
+        for name, tensor in self.box_model.state_dict().items():
+            if name.split(".")[0] in FROZEN and not torch.equal(tensor.cpu(), self.model.state_dict()[name].cpu()):
+                raise TrainingDataError(f"fast CPCL: {config.cpcl_box_checkpoint} has another encoder than "
+                                        f"{config.init_checkpoint}; the replicas share one frozen encoder")
+        freeze_encoder(self.model)
+        freeze_encoder(self.box_model)
+        self.encoded = EncodedCrops(self.sampler, self.model, config.fast_crops_per_object, self.context.device,
+                                    config.seed, self.crop_store)
+        return FastCPCLStep(self.model, self.box_model, config)
+
+    def _cpcl_batch(self) -> tuple[torch.Tensor, list[tuple]]:
+        crops = self.encoded.batch(self.config.batch_size)
+        sets = [(c, crop.case_id, crop.kind, target, crop.click_hint if t == 0 else None)
+                for c, crop in enumerate(crops) for t, target in enumerate(crop.targets)]
+        embeddings = torch.stack([crops[c].embedding for c, *_ in sets]).to(self.context.device, torch.float32)
+        return embeddings, [rest for _, *rest in sets]
+
+    def _extra_stats(self) -> dict:
+        return {**super()._extra_stats(), "fast": self.encoded.stats()}
 
 
 def noise_report(point_model: Sam3D, box_model: Sam3D, cases: list[TrainingCase], config,

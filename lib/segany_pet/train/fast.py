@@ -9,7 +9,8 @@ hot-spot crops in the configured share) once, encodes them in batches without gr
 (bfloat16: half the memory; rounding moves each value by at most 0.4%). `FastTrainer` then draws
 its batches from that store by the sampler's weights, with fresh opening and corrective clicks every time.
 Everything else (checkpoints, resume, validation, stop, progress, publishing only a better model) is the
-plain trainer's. ``TrainConfig(fast=True)``; over REST ``POST /train/segany_pet {"fast": true}``.
+plain trainer's. ``TrainConfig(fast=True)``; over REST ``POST /train/segany_pet {"fast": true}`` (CPCL:
+`FastCPCLTrainer` in cpcl.py, both replicas on one frozen encoder).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import time
 import numpy as np
 import torch
 
+from segany_pet.model import build_model
 from segany_pet.train.data import CropSample, CropSampler
 from segany_pet.train.simulate import InteractiveStep
 from segany_pet.train.trainer import Trainer
@@ -34,12 +36,13 @@ FROZEN = ("image_encoder", "detail_encoder")  # what `Sam3D.embed` runs
 class EncodedCrop:
     """One crop's embedding and the targets prompted on it (its object first, then its neighbours)."""
 
-    __slots__ = ("embedding", "targets", "click_hint")
+    __slots__ = ("embedding", "targets", "click_hint", "case_id", "kind")
 
     def __init__(self, embedding: torch.Tensor, sample: CropSample):
         self.embedding = embedding.to(CACHE_DTYPE)
         self.targets = [sample.target, *(target for _, target in sample.neighbours)]
         self.click_hint = sample.click_hint
+        self.case_id, self.kind = sample.case_id, sample.kind
 
 
 class EncodedCrops:
@@ -83,6 +86,9 @@ class EncodedCrops:
     def __len__(self) -> int:
         return sum(len(crops) for crops in self.by_object) + len(self.hot)
 
+    def stats(self) -> dict:
+        return {"encoded_crops": len(self), "encode_seconds": round(self.seconds, 1)}
+
     def batch(self, size: int) -> list[EncodedCrop]:
         chosen = []
         for _ in range(size):
@@ -111,6 +117,24 @@ class DecoderStep(InteractiveStep):
         return self.session(embeddings, targets, prompts)
 
 
+def fresh_decoder(model, seed: int):
+    """``model``'s encoders with a freshly initialised prompt encoder and mask decoder (seeded): the fast loop's
+    start when labels are to teach the decoder from nothing (the benchmarks of active learning and CPCL)."""
+    torch.manual_seed(seed)
+    fresh = build_model(model.preset)
+    for name in FROZEN:
+        if hasattr(model, name):
+            getattr(fresh, name).load_state_dict(getattr(model, name).state_dict())
+    return fresh
+
+
+def freeze_encoder(model) -> None:
+    for name in FROZEN:
+        part = getattr(model, name, None)
+        if part is not None:
+            part.requires_grad_(False)
+
+
 class FastTrainer(Trainer):
     """The plain trainer with the encoder frozen and each training crop encoded once (`EncodedCrops`).
 
@@ -124,10 +148,7 @@ class FastTrainer(Trainer):
 
     def _step_module(self) -> torch.nn.Module:
         config = self.config
-        for name in FROZEN:
-            part = getattr(self.model, name, None)
-            if part is not None:
-                part.requires_grad_(False)
+        freeze_encoder(self.model)
         self.encoded = EncodedCrops(self.sampler, self.model, config.fast_crops_per_object, self.context.device,
                                     config.seed, self.crop_store)
         return DecoderStep(self.model, config.clicks_per_sample, config.loss_resolution, config.iou_loss_weight,
@@ -143,4 +164,4 @@ class FastTrainer(Trainer):
         return embeddings, targets, self._opening_prompts(sets)
 
     def _extra_stats(self) -> dict:
-        return {"fast": {"encoded_crops": len(self.encoded), "encode_seconds": round(self.encoded.seconds, 1)}}
+        return {"fast": self.encoded.stats()}

@@ -146,8 +146,14 @@ class TrainConfig:
     # probability (or 1 - probability) above which a voxel counts as confident.
     cpcl_cross_weight: float = 0.5
     cpcl_cross_confidence: float = 0.9
+    # CPCL: prompts per crop for the box replica, its box and corrective clicks after it. It serves boxes alone
+    # (noise report, cross-prompt scoring), so by default it trains on the box alone: a cheaper step.
+    cpcl_box_clicks: int = 1
+    # CPCL: the box replica's start weights (None: init_checkpoint, or a fresh model with the seed + 1).
+    cpcl_box_checkpoint: str | None = None
     # The fast loop (fast.py): the image encoder frozen, fast_crops_per_object crops of every object encoded once,
-    # the prompt encoder and mask decoder trained on the cached embeddings. Needs init_checkpoint, method plain.
+    # the prompt encoder and mask decoder trained on the cached embeddings (CPCL: both replicas'). Needs
+    # init_checkpoint.
     fast: bool = False
     fast_crops_per_object: int = 4
     # Seeds the model initialisation, the validation split and (with the rank) the crop sampling.
@@ -177,7 +183,8 @@ class TrainConfig:
 
     def __post_init__(self):
         problems = []
-        for name in ("epochs", "iterations_per_epoch", "batch_size", "clicks_per_sample", "val_clicks"):
+        for name in ("epochs", "iterations_per_epoch", "batch_size", "clicks_per_sample", "val_clicks",
+                     "cpcl_box_clicks"):
             if int(getattr(self, name)) < 1:
                 problems.append(f"{name} must be at least 1")
         for name in ("box_share", "box_and_click_share", "hot_spot_share", "position_jitter", "min_lr_ratio"):
@@ -193,8 +200,10 @@ class TrainConfig:
                      "cpcl_cross_confidence"):
             if not 0 <= float(getattr(self, name)) <= 1:
                 problems.append(f"{name} must lie in [0, 1]")
-        if self.fast and (self.method != "plain" or not self.init_checkpoint):
-            problems.append("fast training needs method plain and an init_checkpoint (its encoder stays as it is)")
+        if self.fast and not self.init_checkpoint:
+            problems.append("fast training needs an init_checkpoint (its encoder stays as it is)")
+        if self.cpcl_box_checkpoint and self.method != "cpcl":
+            problems.append("cpcl_box_checkpoint is the start of CPCL's box replica: it needs method cpcl")
         if int(self.fast_crops_per_object) < 1:
             problems.append("fast_crops_per_object must be at least 1")
         if self.touching_weight <= 0:
