@@ -191,8 +191,9 @@ def test_cpcl_over_rest_saves_corrected_labels_beside_the_annotators(train_serve
 
 def test_fast_mode_trains_the_decoder_on_cached_embeddings_over_rest(train_server, datastore, labelled):
     for params, words in (({"fast": "yes"}, "fast must be true or false"),
-                          ({"fast": True, "init": "random"}, "fast training needs method plain and an init_checkpoint"),
-                          ({"fast": True, "fast_crops_per_object": 0}, "fast_crops_per_object must be at least 1")):
+                          ({"fast": True, "init": "random"}, "fast training needs an init_checkpoint"),
+                          ({"fast": True, "fast_crops_per_object": 0}, "fast_crops_per_object must be at least 1"),
+                          ({"fast": True, "cpcl_box_clicks": 1}, "unknown training option(s) cpcl_box_clicks")):
         response = start(train_server, params)
         assert response.status_code == 422 and words in response.json()["detail"], response.text
     served = Path(MONAILabelClient(train_server).info()["models"][MODEL]["model"]["file"])
