@@ -21,8 +21,10 @@ encoded once, the decoders trained on the cached embeddings), for the same steps
 each scored on a separate clean test cohort (Dice after 1 and 5 clicks, FPV, FNV), and, for (c) and (d), the
 per-case noise score against the injector's records: AUROC and precision among the top 10%. Seeds reseed the
 cohorts, the noise, the start decoders and the training. Printed: mean +- sd over seeds per arm, the paired
-difference of (d) to (a) and to (b) with a 95% interval (t over seeds), and the median seconds per step of each
-arm, measured in one process one after the other. Every figure in ``OUT/results.json``, written after every arm.
+difference of (d) to (b) and (e) and of every CPCL arm to (a) with a 95% interval (t over seeds), and how CPCL's
+corrected labels compare with the truth. Every figure in ``OUT/results.json``, written after every arm (training
+seconds per arm too: comparable only between arms that ran under the same load; scripts/benchmark_fast_training.py
+measures the step cost side by side).
 
     .venv/bin/python scripts/benchmark_cpcl.py [--seeds 0 1 2] [--train-cases 16] [--low-share 0.75]
         [--corrupt-rate 0.8] [--steps 180] [--out work/cpcl] [--merge OTHER/results.json ...]
@@ -52,7 +54,7 @@ from segany_pet.pet import load_nifti, save_nifti
 from segany_pet.phantom import generate_case, inject_label_noise
 from segany_pet.predictor import Predictor
 from segany_pet.train import MODEL_BEST, TRAIN_STATS, make_trainer
-from segany_pet.train.cpcl import NOISE_REPORT
+from segany_pet.train.cpcl import CORRECTED_DIR, NOISE_REPORT
 from segany_pet.train.fast import FROZEN, fresh_decoder
 
 REPO = Path(__file__).resolve().parents[1]
@@ -185,6 +187,30 @@ def start_models(folder: Path, seed: int) -> tuple[Path, Path]:
     return paths
 
 
+def correction_quality(run: Path, folder: Path, low: list[str]) -> dict:
+    """How CPCL's corrected low-tier labels compare with the truth, against the noisy labels it was given (mean
+    Dice over the low-tier cases), the voxels it added and removed, and the share of label-or-consensus voxels
+    it found certain-noisy while training (`confidence_targets`' corrected voxels)."""
+    def dice(a, b):
+        return 2.0 * int((a & b).sum()) / max(int(a.sum()) + int(b.sum()), 1)
+
+    noisy_dice, corrected_dice, added, removed = [], [], 0, 0
+    for case_id in low:
+        truth = np.asarray(nib.load(folder / "truth" / f"{case_id}_lesions.nii.gz").dataobj) > 0
+        noisy = np.asarray(nib.load(folder / "labels" / f"{case_id}.nii.gz").dataobj) > 0
+        corrected = np.asarray(nib.load(run / CORRECTED_DIR / f"{case_id}.nii.gz").dataobj) > 0
+        noisy_dice.append(dice(noisy, truth))
+        corrected_dice.append(dice(corrected, truth))
+        added += int((corrected & ~noisy).sum())
+        removed += int((noisy & ~corrected).sum())
+    seen = json.loads((run / TRAIN_STATS).read_text())["cpcl"]["low_tier_crops_seen"].values()
+    return {"noisy_label_dice": round(float(np.mean(noisy_dice)), 4),
+            "corrected_label_dice": round(float(np.mean(corrected_dice)), 4),
+            "voxels_added": added, "voxels_removed": removed,
+            "certain_noisy_share": round(float(np.mean([v["corrected_voxels"] / max(v["union_voxels"], 1)
+                                                        for v in seen])), 4)}
+
+
 def run_seed(args, seed: int, results: list, save) -> None:
     folder = args.out / f"seed{seed}"
     train_ids = write_cohort(folder / "train", args.train_cases, seed, 0)
@@ -245,6 +271,7 @@ def run_seed(args, seed: int, results: list, save) -> None:
             row["noise_auroc"] = auroc(scores, flags)
             row["precision_top10"] = sum(flags[:top]) / top
             row["noise_ranking"] = [(c["id"], c["noise_score"], labels[c["id"]]["corrupted"]) for c in cases]
+            row["corrections"] = correction_quality(run, folder / "train", low)
         results.append(row)
         save()
         print(json.dumps({k: v for k, v in row.items() if k != "noise_ranking"}), flush=True)
@@ -266,40 +293,43 @@ def summarise_arms(results: list) -> dict:
     for arm in arms:
         rows = [by[s, arm] for s in seeds if (s, arm) in by]
         table[arm] = {key: [r.get(key) for r in rows] for key in
-                      ("dice_1", "dice_5", "fpv_ml", "fnv_ml", "noise_auroc", "precision_top10", "seconds_per_step")}
+                      ("dice_1", "dice_5", "fpv_ml", "fnv_ml", "noise_auroc", "precision_top10")}
         table[arm]["seeds"] = [r["seed"] for r in rows]
+    pairs = [("cpcl", "high"), ("cpcl", "clean")] + [(arm, "plain") for arm in arms if arm.startswith("cpcl")]
     paired = {}
     for key in ("dice_1", "dice_5"):
-        for other in ("plain", "high", "clean"):
-            common = [s for s in seeds if (s, "cpcl") in by and (s, other) in by]
+        for arm, other in pairs:
+            common = [s for s in seeds if (s, arm) in by and (s, other) in by]
             if common:
-                differences = [by[s, "cpcl"][key] - by[s, other][key] for s in common]
-                paired[f"{key}: cpcl - {other}"] = {"seeds": common, "differences": differences,
-                                                    "mean_ci95": interval(differences)}
-    cost = {}
-    for arm in ("cpcl-sc", "cpcl"):
-        common = [s for s in seeds if (s, arm) in by and (s, "plain") in by]
-        if common:
-            cost[arm] = [by[s, arm]["seconds_per_step"] / by[s, "plain"]["seconds_per_step"] for s in common]
-    return {"seeds": seeds, "arms": table, "paired": paired, "step_cost_vs_plain": cost}
+                differences = [by[s, arm][key] - by[s, other][key] for s in common]
+                paired[f"{key}: {arm} - {other}"] = {"seeds": common, "differences": differences,
+                                                     "mean_ci95": interval(differences)}
+    corrections = {arm: {s: by[s, arm]["corrections"] for s in seeds if "corrections" in by.get((s, arm), {})}
+                   for arm in arms}
+    return {"seeds": seeds, "arms": table, "paired": paired,
+            "corrections": {arm: c for arm, c in corrections.items() if c}}
 
 
 def print_summary(summary: dict) -> None:
     print(f"\nseeds {summary['seeds']}: mean ± sd over seeds")
-    print("| arm | Dice 1 click | Dice 5 clicks | FPV mL | FNV mL | noise AUROC | precision, top 10% | s per step |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| arm | Dice 1 click | Dice 5 clicks | FPV mL | FNV mL | noise AUROC | precision, top 10% |")
+    print("|---|---|---|---|---|---|---|")
     for arm, figures in summary["arms"].items():
         print(f"| {arm} | {spread(figures['dice_1'])} | {spread(figures['dice_5'])} | {spread(figures['fpv_ml'], 2)} | "
               f"{spread(figures['fnv_ml'], 2)} | {spread(figures['noise_auroc'], 2)} | "
-              f"{spread(figures['precision_top10'], 2)} | {spread(figures['seconds_per_step'], 2)} |")
+              f"{spread(figures['precision_top10'], 2)} |")
     print("\npaired differences (per seed; mean, 95% interval):")
     for name, entry in summary["paired"].items():
         mean, low, high = entry["mean_ci95"]
         cells = ", ".join(f"{d:+.3f}" for d in entry["differences"])
         print(f"  {name}: {cells}; mean {mean:+.3f} ({low:+.3f}, {high:+.3f})")
-    for arm, ratios in summary["step_cost_vs_plain"].items():
-        print(f"  a {arm} step over a plain step: {', '.join(f'{r:.2f}x' for r in ratios)} (comparable only where the "
-              "arms ran under the same load: scripts/benchmark_fast_training.py measures it side by side)")
+    print("\ncorrected low-tier labels against the truth (per seed: Dice of the noisy label -> of CPCL's corrected "
+          "one; voxels added / removed; certain-noisy share while training):")
+    for arm, per_seed in summary["corrections"].items():
+        cells = "; ".join(f"{seed}: {c['noisy_label_dice']:.3f} -> {c['corrected_label_dice']:.3f}, "
+                          f"+{c['voxels_added']} / -{c['voxels_removed']}, {c['certain_noisy_share']:.2f}"
+                          for seed, c in per_seed.items())
+        print(f"  {arm}: {cells}")
 
 
 def plot(summary: dict, path: Path) -> None:

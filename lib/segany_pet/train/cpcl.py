@@ -168,6 +168,8 @@ class CPCLTrainer(Trainer):
     """The trainer with two replicas and CPCL's step; everything else (sampling, schedule, checkpoints and
     resume, validation of the point replica, torchrun) is the plain trainer's."""
 
+    step_class: type[CPCLStep] = CPCLStep
+
     def _step_module(self) -> nn.Module:
         config = self.config
         if not any(case.tier == "high" for case in self.sampler.cases) and config.cpcl_warmup_epochs:
@@ -180,7 +182,7 @@ class CPCLTrainer(Trainer):
         self.box_model = box_model.to(self.context.device).train()
         self.noise_seen: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0])  # noisy, corrected, union voxels
         self.noise_cases: list[dict] | None = None  # the noise report's cases, once this job has written it
-        return CPCLStep(self.model, self.box_model, config)
+        return self.step_class(self.model, self.box_model, config)
 
     def _cpcl_batch(self) -> tuple[torch.Tensor, list[tuple]]:
         """The step's model inputs (images) and its prompt sets: (case id, crop kind, target, click hint)."""
@@ -267,12 +269,14 @@ class FastCPCLTrainer(CPCLTrainer):
     of encoded crops serves both and a step trains two prompt encoders and mask decoders. The box replica may
     start from its own decoder (``cpcl_box_checkpoint``), never from another encoder."""
 
+    step_class = FastCPCLStep
+
     def __init__(self, *args, crop_store: dict | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.crop_store = crop_store
 
     def _step_module(self) -> nn.Module:
-        super()._step_module()
+        step = super()._step_module()
         config = self.config
         for name, tensor in self.box_model.state_dict().items():
             if name.split(".")[0] in FROZEN and not torch.equal(tensor.cpu(), self.model.state_dict()[name].cpu()):
@@ -282,7 +286,7 @@ class FastCPCLTrainer(CPCLTrainer):
         freeze_encoder(self.box_model)
         self.encoded = EncodedCrops(self.sampler, self.model, config.fast_crops_per_object, self.context.device,
                                     config.seed, self.crop_store)
-        return FastCPCLStep(self.model, self.box_model, config)
+        return step
 
     def _cpcl_batch(self) -> tuple[torch.Tensor, list[tuple]]:
         crops = self.encoded.batch(self.config.batch_size)
