@@ -147,8 +147,16 @@ def _assert_close(reference, result, tolerance):
         assert (got - ref).abs().max().item() < tolerance * max(scale, 1.0), (got - ref).abs().max()
 
 
-def test_exact_attention_equals_the_padded_reference():
-    model = randomise(build_model(NARROW))
+LAYOUTS = pytest.mark.parametrize("layout", ["per_axis", "published"])
+
+
+def narrow(layout: str) -> Preset:
+    return dataclasses.replace(NARROW, rel_pos_layout=layout)
+
+
+@LAYOUTS
+def test_exact_attention_equals_the_padded_reference(layout):
+    model = randomise(build_model(narrow(layout)))
     image = volume(NARROW, batch=2)
     padded = _encode_and_decode(model, image, "padded")
     exact = _encode_and_decode(model, image, "exact")
@@ -156,9 +164,11 @@ def test_exact_attention_equals_the_padded_reference():
     assert model.image_encoder.attention_mode == "exact"
 
 
-def test_exact_attention_trains_like_the_padded_reference():
-    """Gradients too (fine-tuning published weights): the padded keys' k, v come from the qkv bias."""
-    model = randomise(build_model(NARROW)).train()
+@LAYOUTS
+def test_exact_attention_trains_like_the_padded_reference(layout):
+    """Gradients too (fine-tuning published weights): the padded keys' k, v (and q, in the published layout)
+    come from the qkv bias."""
+    model = randomise(build_model(narrow(layout))).train()
     image = volume(NARROW)
     windowed = model.image_encoder.blocks[0].attn
     gradients = {}
@@ -167,8 +177,20 @@ def test_exact_attention_trains_like_the_padded_reference():
         model.image_encoder.attention_mode = mode
         logits, iou = model(image, points=click((10, 20, 30)))
         (logits.square().mean() + iou.sum()).backward()
-        gradients[mode] = [p.grad.clone() for p in (windowed.qkv.bias, windowed.rel_pos_d, windowed.qkv.weight)]
+        gradients[mode] = [p.grad.clone() for p in (windowed.qkv.bias, windowed.rel_pos_d, windowed.rel_pos_w,
+                                                    windowed.qkv.weight)]
     _assert_close(gradients["padded"], gradients["exact"], 1e-4)
+
+
+def test_the_two_relative_position_layouts_answer_differently():
+    """The published broadcast is not a relabelling of the per-axis one: with the same weights the embeddings
+    differ far beyond rounding (so the reference test below can tell them apart)."""
+    image = volume(NARROW)
+    per_axis, published = (_encode_and_decode(randomise(build_model(narrow(layout))), image, "exact")[0]
+                           for layout in ("per_axis", "published"))
+    assert (per_axis - published).abs().max() > 0.05 * per_axis.abs().max()
+    with pytest.raises(ValueError, match="rel_pos_layout 'sam' is not one of"):
+        narrow("sam")
 
 
 def test_the_window_padding_changes_the_result(monkeypatch):
@@ -182,12 +204,14 @@ def test_the_window_padding_changes_the_result(monkeypatch):
     assert (unpadded[0] - exact[0]).abs().max() > 0.05 * exact[0].abs().max()
 
 
+@LAYOUTS
 @pytest.mark.parametrize(("crop", "window"), [(96, 4), (80, 5)])
-def test_exact_attention_with_several_windows_per_axis(crop, window):
+def test_exact_attention_with_several_windows_per_axis(crop, window, layout):
     """Grids larger than the window: full windows plus a padded last window along each axis."""
     preset = Preset(name="multi", crop_size=crop, spacing_mm=1.5, normalisation="zscore_nonzero",
                     encoder_dim=32, encoder_depth=2, encoder_heads=2, global_attn_indexes=(1,),
-                    window_size=window, prompt_dim=48, decoder_mlp_dim=64, iou_head_hidden=32)
+                    window_size=window, prompt_dim=48, decoder_mlp_dim=64, iou_head_hidden=32,
+                    rel_pos_layout=layout)
     model = randomise(build_model(preset))
     image = volume(preset)
     _assert_close(_encode_and_decode(model, image, "padded")[:1], _encode_and_decode(model, image, "exact")[:1], 1e-5)

@@ -5,15 +5,19 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import json
 import logging
 import pickle
+import zlib
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from segany_pet.errors import CheckpointError
 from segany_pet.model import BOX_CORNER_KEYS, PRESETS, Preset, build_model, load_checkpoint, save_checkpoint
-from test_model import TINY, click, randomise, volume
+from test_model import REFERENCE_KEYS, TINY, click, randomise, volume
 
 SMALL = PRESETS["segany_pet_small"]
 
@@ -217,3 +221,54 @@ def test_full_unpickle_only_as_a_warned_fallback(tmp_path, small_model, caplog):
         model = load_checkpoint(path)
     assert "weights_only=False" in caplog.text and "datetime.date" in caplog.text
     assert model.preset == SMALL
+
+
+# Outputs of the SAM-Med3D reference implementation on deterministic weights, and how they were made.
+REFERENCE = Path(__file__).with_name("reference")
+
+
+def deterministic_published_state() -> dict[str, torch.Tensor]:
+    """The deterministic weights tests/reference/ holds SAM-Med3D's own outputs for (the reference code, fp32,
+    CPU): per key, randn from a generator seeded with the key's crc32, scaled by the key's kind."""
+    shapes = json.loads(REFERENCE_KEYS.read_text())
+    state = {}
+    for key, shape in shapes.items():
+        draw = torch.randn(shape, generator=torch.Generator().manual_seed(zlib.crc32(key.encode())))
+        if "gaussian_matrix" in key:
+            state[key] = draw
+        elif len(shape) == 1 and key.endswith(".weight"):
+            state[key] = 1 + 0.02 * draw
+        else:
+            state[key] = 0.02 * draw
+    return state
+
+
+@pytest.mark.slow
+def test_published_layout_answers_as_the_sam_med3d_reference(tmp_path):
+    """A file in the published layout, loaded as a user would, gives SAM-Med3D's own outputs to 1e-4 relative:
+    image embedding, prompt embeddings, low-res logits and IoU, and the same after a mask-prompted second pass."""
+    expected = np.load(REFERENCE / "sam_med3d_reference.npz")
+    facts = json.loads((REFERENCE / "sam_med3d_reference.json").read_text())
+    state = deterministic_published_state()
+    for key, checksum in facts["weight_checksums"].items():
+        assert state[key].double().sum().item() == pytest.approx(checksum, rel=1e-9), key
+    torch.save({"model_state_dict": state, "epoch": 0}, tmp_path / "sam_med3d_turbo.pth")
+    del state
+    model = load_checkpoint(tmp_path / "sam_med3d_turbo.pth")
+    assert model.preset == PRESETS["sam_med3d"]
+    image = torch.randn((1, 1, 128, 128, 128), generator=torch.Generator().manual_seed(0))
+    assert image.double().sum().item() == pytest.approx(facts["x_sum"], rel=1e-9)
+    points = (torch.tensor(facts["coords"]), torch.tensor(facts["labels"]))
+    with torch.no_grad():
+        embedding = model.image_encoder(image)
+        sparse, dense = model.prompt_encoder(points=points, boxes=None, masks=None)
+        position = model.prompt_encoder.get_dense_pe()
+        low, iou = model.mask_decoder(embedding, position, sparse, dense, False)
+        sparse2, dense2 = model.prompt_encoder(points=points, boxes=None, masks=low)
+        low2, iou2 = model.mask_decoder(embedding, position, sparse2, dense2, False)
+    got = {"enc": embedding, "sparse": sparse, "dense_mean": dense.mean(), "low": low, "iou": iou,
+           "low2": low2, "iou2": iou2}
+    for name, value in got.items():
+        reference = expected[name]
+        error = np.abs(value.detach().numpy() - reference).max() / np.abs(reference).max()
+        assert error < 1e-4, f"{name}: {error:.2e} relative"

@@ -14,6 +14,18 @@ implementations, chosen by `ImageEncoder3D.attention_mode`:
   positions of exp(rel_d + rel_h + rel_w), which factorises per axis. Attention over the real keys plus one
   extra key with value v_pad and logit q.k_pad * scale + log(that sum) equals the padded attention; padded
   query rows are cropped away by the reference anyway, so they are never computed.
+
+Two layouts of the relative bias, chosen by the preset's `rel_pos_layout`:
+
+- "per_axis" (this project's models): the term of each axis is added along that axis of the key, as in
+  MViTv2 and the 2D SAM: bias(q, k) = q.Rd[qd, kd] + q.Rh[qh, kh] + q.Rw[qw, kw].
+- "published" (SAM-Med3D and SegAnyPET weights): the published code broadcasts the three (B, d, h, w, k)
+  terms into the (B, qd, qh, qw, kd, kh, kw) attention map with one index too few, so every term's key index
+  lands on kw and the query's w index shifts onto a key axis:
+  bias(q, k) = q.Rd[qd, kw] + q'.Rh[qh, kw] + q''.Rw[kh, kw], with q' the query at (qd, qh, kd) and q''
+  the one at (qd, qh, kh) (padded positions included: their q is the qkv bias). The weights were trained
+  with it, so it is reproduced (up to 4e-3 relative on the embedding otherwise). It still factorises per
+  kw, so the padded keys' summed weight stays cheap.
 """
 
 from __future__ import annotations
@@ -27,6 +39,7 @@ from torch import nn
 from .layers import FeedForward, LayerNorm3d
 
 ATTENTION_MODES = ("exact", "padded")
+REL_POS_LAYOUTS = ("per_axis", "published")
 
 
 def _relative_table(rel_pos: torch.Tensor, n_query: int, window: int) -> torch.Tensor:
@@ -61,12 +74,16 @@ def _key_positions(grid, padding_key: bool, dtype, device) -> torch.Tensor:
 class RelPosAttention(nn.Module):
     """Multi-head self-attention with a decomposed (per-axis) relative position bias."""
 
-    def __init__(self, dim: int, num_heads: int, window: int):
-        """`window`: side of the cubic token window the relative position tables span (2 * window - 1 rows)."""
+    def __init__(self, dim: int, num_heads: int, window: int, layout: str = "per_axis"):
+        """`window`: side of the cubic token window the relative position tables span (2 * window - 1 rows);
+        `layout`: how the bias terms meet the keys, one of REL_POS_LAYOUTS (see the module docstring)."""
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"encoder dim {dim} is not divisible by {num_heads} heads")
+        if layout not in REL_POS_LAYOUTS:
+            raise ValueError(f"relative position layout must be one of {REL_POS_LAYOUTS}, not {layout!r}")
         self.num_heads = num_heads
+        self.layout = layout
         head_dim = dim // num_heads
         self.scale = head_dim**-0.5
         self.qkv = nn.Linear(dim, 3 * dim)
@@ -103,19 +120,15 @@ class RelPosAttention(nn.Module):
         """
         b, grid, c = x.shape[0], tuple(x.shape[1:4]), x.shape[-1]
         q, k, v = self._heads(x)
-        rel_d, rel_h, rel_w = self._axis_terms(q, grid, window)
-        gd, gh, gw = grid
-        per_axis = [rel_d[..., :gd], rel_h[..., :gh], rel_w[..., :gw]]  # against the real keys
         padded = grid != tuple(window)
+        if self.layout == "published":
+            bias = self._published_bias(q, grid, window[0])
+        else:
+            bias = self._per_axis_bias(q, grid, window)
         if padded:
-            per_axis.append(self._log_padding_weight(rel_d, rel_h, rel_w, grid)[..., None])
-            dim = self.qkv.bias.shape[0] // 3
-            k_pad = self.qkv.bias[dim : 2 * dim].view(1, self.num_heads, 1, -1).expand(b, -1, -1, -1)
-            v_pad = self.qkv.bias[2 * dim :].view(1, self.num_heads, 1, -1).expand(b, -1, -1, -1)
+            k_pad, v_pad = (self._qkv_bias(i).view(1, self.num_heads, 1, -1).expand(b, -1, -1, -1) for i in (1, 2))
             k = torch.cat([k, k_pad.to(k.dtype)], dim=2)
             v = torch.cat([v, v_pad.to(v.dtype)], dim=2)
-        rel = torch.cat(per_axis, dim=-1).flatten(2, 4)
-        bias = rel @ _key_positions(grid, padded, rel.dtype, rel.device)
         if q.dtype == torch.bfloat16:  # measured on CPU: bmm + softmax beat the bf16 SDPA kernel 2.5x
             q, k, v, bias = (t.flatten(0, 1) for t in (q, k, v, bias))
             weights = torch.baddbmm(bias, q, k.transpose(1, 2), alpha=self.scale).softmax(-1)
@@ -123,6 +136,66 @@ class RelPosAttention(nn.Module):
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.scale)
         return self.proj(out.transpose(1, 2).reshape(b, *grid, c))
+
+    def _qkv_bias(self, part: int) -> torch.Tensor:
+        """q (0), k (1) or v (2) of a zero token: that part of the qkv bias, (heads * head_dim,)."""
+        dim = self.qkv.bias.shape[0] // 3
+        return self.qkv.bias[part * dim : (part + 1) * dim]
+
+    def _per_axis_bias(self, q: torch.Tensor, grid, window) -> torch.Tensor:
+        """Bias (B, heads, N, N [+ 1]) of the queries against the real keys (and the padding key, if padded)."""
+        rel_d, rel_h, rel_w = self._axis_terms(q, grid, window)
+        gd, gh, gw = grid
+        per_axis = [rel_d[..., :gd], rel_h[..., :gh], rel_w[..., :gw]]  # against the real keys
+        padded = grid != tuple(window)
+        if padded:
+            per_axis.append(self._log_padding_weight(rel_d, rel_h, rel_w, grid)[..., None])
+        rel = torch.cat(per_axis, dim=-1).flatten(2, 4)
+        return rel @ _key_positions(grid, padded, rel.dtype, rel.device)
+
+    def _published_bias(self, q: torch.Tensor, grid, side: int) -> torch.Tensor:
+        """`_per_axis_bias` in the published layout (module docstring), for a cubic window of `side` tokens.
+
+        Per query the bias is term_q[kw] + term_d[kd, kw] + term_h[kh, kw]; term_d and term_h read the queries
+        of the query's (qd, qh) row along w, which runs on into the padding (q = the qkv bias there). Summed in
+        float32 and cast once: CPU broadcast adds in bf16 measured 4x slower than in float32.
+        """
+        with torch.autocast(q.device.type, enabled=False):  # float32 throughout, whatever the caller runs
+            b, heads = q.shape[:2]
+            gd, gh, gw = grid
+            n = gd * gh * gw
+            rq = q.float().reshape(b, heads, gd, gh, gw, -1)
+            q_pad = self._qkv_bias(0).float().view(1, heads, 1, 1, 1, -1)
+            row = torch.cat([rq, q_pad.expand(b, -1, gd, gh, side - gw, -1)], dim=4)  # (b, heads, gd, gh, side, c)
+            table_d = _relative_table(self.rel_pos_d.float(), gd, side)
+            table_h = _relative_table(self.rel_pos_h.float(), gh, side)
+            table_w = _relative_table(self.rel_pos_w.float(), side, side)
+            term_q = torch.einsum("bndhwc,dkc->bndhwk", rq, table_d)  # (b, heads, gd, gh, gw, kw)
+            term_d = torch.einsum("bndhjc,hkc->bndhjk", row, table_h)  # (b, heads, gd, gh, kd, kw)
+            term_h = torch.einsum("bndhjc,jkc->bndhjk", row, table_w)  # (b, heads, gd, gh, kh, kw)
+            padded = grid != (side,) * 3
+            bias = rq.new_empty(b, heads, n, n + padded)
+            # The (kd, kh, kw) part is shared by a row's queries: summed once per row, then one pass at full size
+            # into the real keys' columns (out=: measured 1.6x faster per block than adding and concatenating,
+            # but without autograd, so training copies instead).
+            row_part = term_d[..., :gd, None, :gw] + term_h[..., None, :gh, :gw]  # (b, heads, gd, gh, kd, kh, kw)
+            real = bias[..., :n].unflatten(-1, grid).unflatten(2, grid)
+            terms = row_part[:, :, :, :, None], term_q[..., None, None, :gw]
+            if torch.is_grad_enabled() and rq.requires_grad:
+                real.copy_(terms[0] + terms[1])
+            else:
+                torch.add(*terms, out=real)
+            if padded:
+                # Padded keys: window minus the real box. Per kw the (kd, kh) sums factorise; for kw inside the box
+                # the padded (kd, kh) are {kd >= gd} plus {kd < gd, kh >= gh}. logsumexp of an empty range is -inf.
+                d_in, d_out = term_d[..., :gd, :].logsumexp(-2), term_d[..., gd:, :].logsumexp(-2)
+                h_in, h_out = term_h[..., :gh, :].logsumexp(-2), term_h[..., gh:, :].logsumexp(-2)
+                d_all, h_all = torch.logaddexp(d_in, d_out), torch.logaddexp(h_in, h_out)
+                inside = torch.logaddexp(d_out + h_all, d_in + h_out)[..., :gw]
+                per_kw = torch.cat([inside, (d_all + h_all)[..., gw:]], dim=-1)  # (b, heads, gd, gh, kw)
+                padding = (term_q + per_kw[:, :, :, :, None]).logsumexp(-1).clamp_min(-1e4)
+                bias[..., n] = padding.reshape(b, heads, n)
+        return bias.to(q.dtype)
 
     @staticmethod
     def _log_padding_weight(rel_d, rel_h, rel_w, grid) -> torch.Tensor:
@@ -153,7 +226,10 @@ class RelPosAttention(nn.Module):
         attn = (q * self.scale) @ k.transpose(-2, -1)
         rel_d, rel_h, rel_w = self._axis_terms(q, grid, grid)
         attn = attn.view(b, self.num_heads, *grid, *grid)
-        attn = attn + rel_d[..., :, None, None] + rel_h[..., None, :, None] + rel_w[..., None, None, :]
+        if self.layout == "published":  # the published broadcast, one index short: see the module docstring
+            attn = attn + rel_d[..., None, None, :] + rel_h[..., None, :, None, :] + rel_w[..., None, None, :, :]
+        else:
+            attn = attn + rel_d[..., :, None, None] + rel_h[..., None, :, None] + rel_w[..., None, None, :]
         attn = attn.view(b, self.num_heads, n, n).softmax(dim=-1)
         out = attn @ v
         return self.proj(out.transpose(1, 2).reshape(b, *grid, c))
@@ -204,11 +280,11 @@ def windowed_attention(attn: RelPosAttention, x: torch.Tensor, window: int, mode
 class EncoderBlock(nn.Module):
     """Pre-norm transformer block; `window_size` 0 means global attention over the whole token grid."""
 
-    def __init__(self, dim: int, num_heads: int, window_size: int, grid: int, mlp_ratio: int = 4):
+    def __init__(self, dim: int, num_heads: int, window_size: int, grid: int, rel_pos_layout: str, mlp_ratio: int = 4):
         super().__init__()
         self.window_size = window_size
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
-        self.attn = RelPosAttention(dim, num_heads, window_size or grid)
+        self.attn = RelPosAttention(dim, num_heads, window_size or grid, rel_pos_layout)
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = FeedForward(dim, dim * mlp_ratio, nn.GELU)
 
@@ -256,6 +332,7 @@ class ImageEncoder3D(nn.Module):
         global_attn_indexes: tuple[int, ...],
         window_size: int,
         out_dim: int,
+        rel_pos_layout: str = "per_axis",
     ):
         super().__init__()
         grid = crop_size // patch_size
@@ -265,7 +342,7 @@ class ImageEncoder3D(nn.Module):
         self.patch_embed = PatchEmbed(patch_size, dim)
         self.pos_embed = nn.Parameter(torch.zeros(1, grid, grid, grid, dim))
         self.blocks = nn.ModuleList(
-            EncoderBlock(dim, num_heads, 0 if i in global_attn_indexes else window_size, grid)
+            EncoderBlock(dim, num_heads, 0 if i in global_attn_indexes else window_size, grid, rel_pos_layout)
             for i in range(depth)
         )
         self.neck = nn.Sequential(

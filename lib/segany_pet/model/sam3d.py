@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .image_encoder import DetailEncoder3D, ImageEncoder3D
+from .image_encoder import REL_POS_LAYOUTS, DetailEncoder3D, ImageEncoder3D
 from .layers import fold_detail
 from .mask_decoder import MaskDecoder3D
 from .prompt_encoder import PromptEncoder3D
@@ -31,6 +31,9 @@ class Preset:
     encoder_heads: int = 12
     global_attn_indexes: tuple[int, ...] = (2, 5, 8, 11)
     window_size: int = 14  # 0: every block attends globally
+    # How the encoder's relative position terms meet the keys: "per_axis" (this project's models) or
+    # "published" (the SAM-Med3D code's broadcast, which its weights were trained with; image_encoder.py).
+    rel_pos_layout: str = "per_axis"
     prompt_dim: int = 384
     decoder_depth: int = 2
     decoder_heads: int = 8
@@ -55,6 +58,8 @@ class Preset:
             problems.append(f"encoder_dim {self.encoder_dim} is not divisible by {self.encoder_heads} heads")
         if self.prompt_dim % 24:  # sin/cos/sin thirds, upscaling to dim/8, attention heads
             problems.append(f"prompt_dim {self.prompt_dim} is not a multiple of 24")
+        if self.rel_pos_layout not in REL_POS_LAYOUTS:
+            problems.append(f"rel_pos_layout {self.rel_pos_layout!r} is not one of {REL_POS_LAYOUTS}")
         if self.detail_width < 0:
             problems.append(f"detail_width {self.detail_width} must not be negative")
         if any(s <= 0 or s == self.spacing_mm for s in self.ensemble_spacings_mm):
@@ -91,7 +96,8 @@ class Preset:
 
 PRESETS: dict[str, Preset] = {
     # The published SAM-Med3D / SegAnyPET configuration ("vit_b_ori", 100.5 M parameters).
-    "sam_med3d": Preset(name="sam_med3d", crop_size=128, spacing_mm=1.5, normalisation="zscore_nonzero"),
+    "sam_med3d": Preset(name="sam_med3d", crop_size=128, spacing_mm=1.5, normalisation="zscore_nonzero",
+                        rel_pos_layout="published"),
     # This project's default model, sized by measurement on the 2-core CPU it is trained and served on
     # (scripts/benchmark_encoder.py; 2 threads, fp32, random weights). A 64^3 crop at 1.5 mm covers 96 mm
     # (lesions, kidneys, bladder) with 8^3 tokens of 12 mm and 3 mm low-res logits. At 3 mm (192 mm, 6 mm
@@ -147,6 +153,7 @@ class Sam3D(nn.Module):
             global_attn_indexes=preset.global_attn_indexes,
             window_size=preset.window_size,
             out_dim=preset.prompt_dim,
+            rel_pos_layout=preset.rel_pos_layout,
         )
         self.prompt_encoder = PromptEncoder3D(preset.prompt_dim, preset.embedding_grid, preset.crop_size)
         self.mask_decoder = MaskDecoder3D(
