@@ -68,7 +68,11 @@ def running_server(studies: Path, conf: list[tuple[str, object]], log_dir: Path,
                    headers: dict | None = None) -> Iterator[str]:
     """A real MONAI Label server subprocess listening on ``host`` and serving ``studies``; yields its URL on
     127.0.0.1. ``auto_reload``: the datastore follows changes other processes make on disk (MONAI Label's default;
-    off unless needed); ``env``: more environment variables; ``headers``: sent while waiting for /info/ (a token)."""
+    off unless needed); ``env``: more environment variables; ``headers``: sent while waiting for /info/ (a token).
+    Warming scans for clicks (``prewarm``) is off unless ``conf`` sets it: its background encoding would compete
+    with the suite for the 2 cores; the tests of warming and the default-model server turn it on."""
+    if not any(key == "prewarm" for key, _ in conf):
+        conf = [*conf, ("prewarm", "false")]
     port = free_port()
     log_path = log_dir / "server.log"
     env = dict(server_environment(), MONAI_LABEL_DATASTORE_AUTO_RELOAD=str(auto_reload).lower(), **(env or {}))

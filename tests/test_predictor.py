@@ -670,3 +670,32 @@ def test_real_model_windows_never_exceed_the_cap_and_small_volumes_need_one(smal
         handle.remove()
     assert big.windows == 3 and big.mask.sum() > np.prod([SMALL.crop_size * SMALL.spacing_mm / 4] * 3)
     assert tiny.windows == 1 and tiny.mask.all()
+
+
+def test_prefetched_crops_answer_a_click_as_it_would_be_answered_cold(small_model):
+    volume, click = blob_volume(), [34, 12, 45]
+    cold = Predictor(small_model, max_windows=1).set_volume(volume, "blobs").predict(foreground=[click])
+    predictor = Predictor(small_model, max_windows=1)
+    session = predictor.set_volume(volume, "blobs")
+    assert predictor.prefetch(session, session.click_crops([click])) == 1
+    calls = count_encoder_calls(small_model)
+    warm = session.predict(foreground=[click])
+    assert not calls and warm.cache_hit and not cold.cache_hit
+    np.testing.assert_array_equal(warm.mask, cold.mask)
+    assert predictor.prefetch(session, session.click_crops([click])) == 0  # cached already: nothing to do
+
+
+def test_prefetch_waits_while_a_click_is_answered_and_stops_when_cancelled(small_model):
+    predictor = Predictor(small_model, max_windows=1)
+    session = predictor.set_volume(blob_volume(), "blobs")
+    crops = session.click_crops([[8, 8, 8], [40, 40, 52]])
+    calls = count_encoder_calls(small_model)
+    with predictor.answering():
+        worker = threading.Thread(target=predictor.prefetch, args=(session, crops))
+        worker.start()
+        worker.join(timeout=0.3)
+        assert worker.is_alive() and not calls  # waiting for the click to be answered
+    worker.join(timeout=30)
+    assert len(calls) == len(crops) == 2
+    predictor.clear_cache()
+    assert predictor.prefetch(session, crops, cancelled=lambda: True) == 0

@@ -38,7 +38,7 @@ def test_a_replaced_checkpoint_is_loaded_on_the_next_request(tmp_path):
     assert served.predictor() is first
     assert served.describe() | {"file": None} == {
         "file": None, "state": "ready", "preset": "segany_pet_small", "inference_dtype": "float32",
-        "crop_spacings_mm": [1.5, 1.25],
+        "crop_spacings_mm": [1.5, 1.25], "embedding_cache_crops": 606,  # 2048 MB of 3.375 MiB embeddings
     }
 
     torch.manual_seed(1)

@@ -7,6 +7,7 @@ masks that match the lesions, and a second click that fixes a hard case.
 from __future__ import annotations
 
 import json
+import time
 
 import numpy as np
 import pytest
@@ -15,7 +16,7 @@ from requests_toolbelt.multipart.decoder import MultipartDecoder
 
 from segany_pet.evaluate.interactive import corrective_click
 from segany_pet.evaluate.metrics import dice
-from support import case_truth, read_nrrd, running_server
+from support import LARGE_SCAN, case_truth, read_nrrd, running_server
 
 pytestmark = pytest.mark.server
 
@@ -24,8 +25,9 @@ MODEL = "segany_pet"
 
 @pytest.fixture(scope="module")
 def default_server(cohort, tmp_path_factory) -> str:
-    """The server as the README starts it: no model conf, so the shipped model/segany_pet_small.pt."""
-    with running_server(cohort / "images", [], tmp_path_factory.mktemp("default_server")) as url:
+    """The server as the README starts it: no model conf, so the shipped model/segany_pet_small.pt, and scans
+    warmed for clicks (the default, which the other test servers turn off)."""
+    with running_server(cohort / "images", [("prewarm", "true")], tmp_path_factory.mktemp("default_server")) as url:
         yield url
 
 
@@ -58,6 +60,23 @@ def test_info_reports_the_shipped_model_ready(default_server):
     assert served["file"].endswith("model/segany_pet_small.pt")
     assert served["state"] in ("ready", "loading") and served.get("preset", "segany_pet_small") == "segany_pet_small"
     assert served.get("crop_spacings_mm", [1.5, 1.25]) == [1.5, 1.25]  # the scale ensemble of the file's preset
+
+
+def test_a_fetched_scan_is_warmed_so_a_click_on_its_lesion_finds_its_crops_encoded(default_server):
+    # The autoPET-sized scan (one hot sphere at its centre): nothing else in this module clicks on it.
+    response = requests.get(f"{default_server}/datastore/image", params={"image": LARGE_SCAN}, timeout=60)
+    assert response.status_code == 200
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        warm_up = requests.get(f"{default_server}/info/", timeout=10).json().get("prewarm", {})
+        if warm_up.get("image", "").startswith(LARGE_SCAN) and warm_up.get("finished"):
+            break
+        time.sleep(0.5)
+    else:
+        pytest.fail(f"the scan was not warmed within 120 s: {warm_up}")
+    assert 0 < warm_up["crops_encoded"] <= warm_up["crops_planned"]
+    _, reply = click(default_server, LARGE_SCAN, "warmed", [[200, 200, 163]])
+    assert reply["cache_hit"] is True and reply["latencies"]["encode"] == 0
 
 
 def test_one_click_on_each_demo_lesion_returns_its_3d_mask(default_server, cohort):

@@ -30,7 +30,8 @@ from segany_pet.label.infer import (
     PromptableSegmentationInfer,
     SUVThresholdInfer,
 )
-from segany_pet.label.models import PROMPTABLE, STATE_DIR, served_model_for
+from segany_pet.label.models import DEFAULT_EMBEDDING_CACHE_MB, PROMPTABLE, STATE_DIR, served_model_for
+from segany_pet.label.prewarm import Prewarmer
 from segany_pet.label.train import PromptableTrainTask
 from segany_pet.pet import VolumeCache
 
@@ -48,6 +49,14 @@ def conf_number(conf: dict, key: str, default: float, low: float, high: float) -
     return value
 
 
+def conf_flag(conf: dict, key: str, default: bool) -> bool:
+    """A true/false app option; a clear error at start for anything else."""
+    value = str(conf.get(key, default)).lower()
+    if value not in ("true", "false"):
+        raise UserInputError(f"--conf {key} must be true or false, not {conf.get(key)!r}")
+    return value == "true"
+
+
 class SegAnyPETApp(MONAILabelApp):
     """Conf (``--conf key value``):
 
@@ -56,6 +65,9 @@ class SegAnyPETApp(MONAILabelApp):
     - ``inference_dtype``: ``float32`` (default) or ``bfloat16`` for the image encoder;
     - ``threshold_method``: default of ``suv_threshold`` (relative_41, relative_50, sized_41, fixed_2.5, fixed_4.0);
     - ``volume_cache``: scans kept in memory (4); ``sessions``: annotator sessions kept (64);
+    - ``embedding_cache_mb``: memory for cached image embeddings, all scans and annotators together (2048);
+      ``prewarm``: ``true`` (default) encodes a scan's likely click sites in the background as soon as a client
+      fetches it or a strategy serves it (`segany_pet.label.prewarm`), ``false`` only when clicked;
     - ``lease_minutes``: how long a scan served by ``disagreement`` / ``label_review`` stays with its
       annotator (30);
     - ``dicomweb_cache``: with a DICOMweb studies URL, where converted series, labels and scores are kept
@@ -82,7 +94,9 @@ class SegAnyPETApp(MONAILabelApp):
         self.annotation_sessions = AnnotationSessions(capacity=capacity)
         self.local = not studies.startswith(("http://", "https://"))
         self.state_dir = Path(studies) / STATE_DIR if self.local else Path(app_dir) / STATE_DIR
-        self.served_model = served_model_for(self.state_dir, conf.get("model"), conf.get("inference_dtype"))
+        cache_mb = conf_number(conf, "embedding_cache_mb", DEFAULT_EMBEDDING_CACHE_MB, low=16, high=1 << 20)
+        self.served_model = served_model_for(self.state_dir, conf.get("model"), conf.get("inference_dtype"), cache_mb)
+        self.prewarmer = Prewarmer(self.served_model, self.volumes) if conf_flag(conf, "prewarm", True) else None
         super().__init__(
             app_dir=app_dir,
             studies=studies,
@@ -111,7 +125,7 @@ class SegAnyPETApp(MONAILabelApp):
     def init_infers(self):
         method = self.conf.get("threshold_method", "relative_41")
         shared = {"served": self.served_model, "volumes": self.volumes, "sessions": self.annotation_sessions,
-                  "edge": self.conf.get("edge", DEFAULT_EDGE)}
+                  "edge": self.conf.get("edge", DEFAULT_EDGE), "prewarmer": self.prewarmer}
         return {
             PROMPTABLE: PromptableSegmentationInfer(**shared),
             # The same model for OHIF's vista3d panel, which sends points + point_labels.
@@ -168,7 +182,7 @@ class SegAnyPETApp(MONAILabelApp):
         warn_if_exposed(install_access_control(fastapi_app, self.conf), bound_host())
         install_error_handlers(fastapi_app)
         drop_unserved_routers(fastapi_app)
-        serve_confined_datastore(fastapi_app, self, accepts_images=self.local)
+        serve_confined_datastore(fastapi_app, self, accepts_images=self.local, prewarmer=self.prewarmer)
         serve_checked_sessions(fastapi_app)
         serve_confined_dicomweb_proxy(fastapi_app, None if self.local else self.studies)
         serve_model_files(fastapi_app, {PROMPTABLE: self.served_model})
@@ -178,13 +192,16 @@ class SegAnyPETApp(MONAILabelApp):
         add_ohif_addons(fastapi_app)
         check_and_stop_training(fastapi_app, self._trainers, self.datastore())
         check_scoring_requests(fastapi_app, self._scoring_methods, self.datastore())
-        serve_leased_strategies(fastapi_app, self, self._strategies, {"disagreement", "label_review"})
+        serve_leased_strategies(fastapi_app, self, self._strategies, {"disagreement", "label_review"},
+                                prewarmer=self.prewarmer)
         refuse_run_all(fastapi_app, self._trainers, self._scoring_methods)
         document_errors(fastapi_app)
         self.served_model.start_loading()
 
     def info(self):
         info = super().info()
+        if self.prewarmer is not None:
+            info["prewarm"] = self.prewarmer.describe()
         if self.local:
             info["dicom_import"] = dicom_import_summary(self.state_dir)
         return info

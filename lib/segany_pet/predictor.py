@@ -32,11 +32,13 @@ region -> model input grid), `normalise`, `paste_logits` (crop logits -> the sto
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import threading
 import time
 from collections import OrderedDict, deque
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import nibabel as nib
@@ -62,6 +64,11 @@ MASK_PROMPT_LOGIT = 8.0
 # the other spacings' average cannot outvote it by one confident window.
 OUTSIDE_LOGIT = -20.0
 DEFAULT_MAX_WINDOWS = 6
+# A prefetch encodes only when no click has been answered for this long (a server still quantifies, encodes and
+# sends the reply after the predictor is done, and an annotator's next click often follows within it); it looks
+# again every PREFETCH_POLL_S.
+PREFETCH_QUIET_S = 0.5
+PREFETCH_POLL_S = 0.01
 LATENCY_KEYS = ("crop", "encode", "decode", "paste", "plan", "edge")
 
 
@@ -513,6 +520,10 @@ class Predictor:
     pass already uses every core torch is given, and two at once oversubscribe them: on the 2-core
     machines, a 11 ms decode took 0.1-0.7 s while another thread was busy with torch.
 
+    `prefetch` encodes crops before anyone clicks (a server warming a scan its client just fetched) at low
+    priority: one crop at a time, and only once no click has been answered for ``PREFETCH_QUIET_S``, so a click
+    waits for at most the one crop being encoded.
+
     ``dtype`` ("bfloat16" or "float32") sets how the image encoder computes (``Sam3D.to_inference_dtype``);
     None keeps the model as it is. ``max_windows`` caps the crops spent on one object at each spacing.
     ``scale_ensemble``: read each object at every spacing of the preset (`Preset.ensemble_spacings_mm`), or
@@ -534,6 +545,8 @@ class Predictor:
         self._cache: OrderedDict[tuple, torch.Tensor] = OrderedDict()
         self._lock = threading.Lock()  # the cache
         self._model_lock = threading.Lock()
+        self._answering = 0  # clicks being answered now (under _lock): prefetch waits while there are any ...
+        self._answered_at = -math.inf  # ... and for PREFETCH_QUIET_S after the last (time.monotonic)
         self._last_session: VolumeSession | None = None
 
     def set_volume(self, volume: PETVolume, volume_id: str | None = None) -> VolumeSession:
@@ -560,6 +573,46 @@ class Predictor:
         with self._lock:
             self._cache.clear()
 
+    def _cache_key(self, session: VolumeSession, geometry: CropGeometry) -> tuple:
+        return session.volume_id, geometry, self.preset.name, self.model.inference_dtype
+
+    def is_cached(self, session: VolumeSession, geometry: CropGeometry) -> bool:
+        with self._lock:
+            return self._cache_key(session, geometry) in self._cache
+
+    @contextlib.contextmanager
+    def answering(self):
+        """Marks a click in progress: `prefetch` encodes nothing until it is answered (and a while after)."""
+        with self._lock:
+            self._answering += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._answering -= 1
+                self._answered_at = time.monotonic()
+
+    def _clicks_recent(self) -> bool:
+        return bool(self._answering) or time.monotonic() - self._answered_at < PREFETCH_QUIET_S
+
+    def prefetch(self, session: VolumeSession, geometries: Iterable[CropGeometry],
+                 cancelled: Callable[[], bool] = lambda: False) -> int:
+        """Encode the crops not yet cached, in order, after clicks (see the class); stops early once ``cancelled()``.
+
+        Returns how many crops it encoded. Crops beyond the cache's capacity would only evict each other:
+        the caller keeps the list within ``cache_size``.
+        """
+        encoded = 0
+        for geometry in geometries:
+            while self._clicks_recent() and not cancelled():
+                time.sleep(PREFETCH_POLL_S)
+            if cancelled():
+                break
+            if not self.is_cached(session, geometry):
+                self.embedding(session, geometry)
+                encoded += 1
+        return encoded
+
     def embedding(
         self, session: VolumeSession, geometry: CropGeometry, latencies: dict | None = None
     ) -> tuple[torch.Tensor, bool]:
@@ -568,7 +621,7 @@ class Predictor:
         Adds the seconds spent to ``latencies["crop"]`` and ``["encode"]`` when given.
         """
         latencies = latencies if latencies is not None else dict.fromkeys(LATENCY_KEYS, 0.0)
-        key = (session.volume_id, geometry, self.preset.name, self.model.inference_dtype)
+        key = self._cache_key(session, geometry)
         with self._lock:
             if key in self._cache:
                 self._cache.move_to_end(key)
@@ -650,6 +703,20 @@ class VolumeSession:
         """
         if edge is not None and edge not in EDGE_METHODS:
             raise PromptError(f"edge must be one of {', '.join(EDGE_METHODS)} (or none), got {edge!r}")
+        with self.predictor.answering():
+            return self._predict(foreground, background, box, previous, edge)
+
+    def click_crops(self, clicks) -> list[CropGeometry]:
+        """The first crops that single clicks at ``clicks`` (stored voxel indices) would be answered from, at
+        every spacing the predictor reads, each once, in the order of the clicks: what to `prefetch` for them."""
+        preset, affine, shape = self.predictor.preset, self.volume.affine, self.volume.shape
+        crops = {}
+        for click in clicks:
+            for spacing in self.predictor.spacings:
+                crops.setdefault(place_crop(affine, shape, [click], preset.crop_size, spacing)[0])
+        return list(crops)
+
+    def _predict(self, foreground, background, box, previous, edge) -> Prediction:
         started = time.perf_counter()
         foreground, background, box = self._prompts_so_far(foreground, background, box, previous)
         latencies = dict.fromkeys(LATENCY_KEYS, 0.0)

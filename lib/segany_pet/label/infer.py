@@ -23,6 +23,7 @@ from segany_pet.edge import EDGE_METHODS, PEAK_PROMINENCE
 from segany_pet.errors import PromptError, SessionNotFoundError
 from segany_pet.evaluate.baselines import METHODS, segment_from_clicks
 from segany_pet.label.models import ServedModel
+from segany_pet.label.prewarm import Prewarmer, volume_id
 from segany_pet.pet import VolumeCache, mask_nrrd, mask_nrrd_box, quantify, save_mask
 from segany_pet.predictor import Prediction, VolumeSession
 
@@ -273,7 +274,8 @@ class PromptableSegmentationInfer(InferTask):
     alone, so anonymous annotators never share state. ``edge``: where the mask's boundary comes from,
     ``sized_41`` (default: the lesion's 41% SUVmax uptake, raised for small lesions, where it agrees with the
     model, `segany_pet.edge`), ``relative_41``, ``relative_50``, or ``model`` (the model's mask as it is); the
-    reply's ``edge`` says which one was used.
+    reply's ``edge`` says which one was used. With a ``prewarmer``, a click on a scan not warmed yet starts
+    warming its other likely click sites (`segany_pet.label.prewarm`).
     """
 
     def __init__(
@@ -284,6 +286,7 @@ class PromptableSegmentationInfer(InferTask):
         infer_type: str = InferType.DEEPGROW,
         description: str = "SegAnyPET 3D SAM: lesion or organ from clicks and boxes",
         edge: str = DEFAULT_EDGE,
+        prewarmer: Prewarmer | None = None,
     ):
         if edge not in EDGES:
             raise ValueError(f"edge {edge!r} is not one of {', '.join(EDGES)}")
@@ -293,6 +296,7 @@ class PromptableSegmentationInfer(InferTask):
         self.served = served
         self.volumes = volumes
         self.sessions = sessions
+        self.prewarmer = prewarmer
 
     def is_valid(self) -> bool:
         return True  # listed even when its weights are missing: /info then says why it cannot answer
@@ -345,8 +349,7 @@ class PromptableSegmentationInfer(InferTask):
                 "refine (and with a client_id to keep refining)"
             )
         if state is None:
-            volume_id = f"{key[1]}@{os.stat(request['image']).st_mtime_ns}"
-            state = AnnotationState(predictor.set_volume(volume, volume_id))
+            state = AnnotationState(predictor.set_volume(volume, volume_id(request["image"])))
             if client:
                 self.sessions.put(key, state)
 
@@ -354,6 +357,8 @@ class PromptableSegmentationInfer(InferTask):
             prediction = state.session.predict(foreground, background, box, previous=state.last,
                                                edge=None if edge == MODEL_EDGE else edge)
             state.last = prediction
+        if self.prewarmer is not None:  # after the click: warming must not slow down the click that asked for it
+            self.prewarmer.scan_served(request["image"])
         for stage in ("crop", "encode", "decode", "paste", "edge"):
             latencies[stage] = prediction.latencies[stage]
         params = {

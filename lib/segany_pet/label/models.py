@@ -25,6 +25,9 @@ MODEL_DIR = Path(__file__).resolve().parents[3] / "model"
 DEFAULT_MODEL = "segany_pet_small.pt"
 STATE_DIR = ".segany_pet"  # in a local datastore: the app's training runs, published models, scoring progress
 PROMPTABLE = "segany_pet"
+# Image embeddings kept in memory for clicks and warm-ups, all annotators together: 606 crops of the shipped
+# model (3.375 MiB each), 2,730 of SAM-Med3D's (0.75 MiB).
+DEFAULT_EMBEDDING_CACHE_MB = 2048
 
 
 class ModelUnavailableError(UserInputError):
@@ -40,16 +43,17 @@ class ServedModel:
     returns the ready Predictor, reloading first when the file to serve or its modification time changed
     (a newly published checkpoint), and raises ModelUnavailableError with the reason otherwise.
     ``published``: where training publishes its model; served instead of ``path`` when it exists.
-    ``published_box``: where a CPCL job publishes its box replica, beside it.
+    ``published_box``: where a CPCL job publishes its box replica, beside it. ``cache_mb``: the memory of the
+    Predictor's embedding cache (as many crops as fit, at least 8).
     """
 
-    def __init__(self, path: str | os.PathLike, dtype: str | None = None, cache_size: int = 8,
-                 published: str | os.PathLike | None = None):
+    def __init__(self, path: str | os.PathLike, dtype: str | None = None,
+                 cache_mb: float = DEFAULT_EMBEDDING_CACHE_MB, published: str | os.PathLike | None = None):
         self.path = Path(path)
         self.published = Path(published) if published else None
         self.published_box = self.published.with_name(self.published.stem + "_box.pt") if published else None
         self.dtype = dtype
-        self.cache_size = cache_size
+        self.cache_mb = cache_mb
         self._predictor: Predictor | None = None
         self._loaded: tuple[Path, int] | None = None  # file and modification time of the served model
         self._error: str | None = None
@@ -89,7 +93,8 @@ class ServedModel:
                     )
                 model = load_checkpoint(path)
                 # Set before "loading" clears, so /info never sees a load that ended with nothing to show.
-                self._predictor = Predictor(model, dtype=self.dtype, cache_size=self.cache_size)
+                cache_size = max(8, int(self.cache_mb * 2**20 // model.preset.embedding_bytes))
+                self._predictor = Predictor(model, dtype=self.dtype, cache_size=cache_size)
                 self._loaded = (path, mtime)
                 self._error = None
             except CheckpointError as exc:
@@ -140,6 +145,7 @@ class ServedModel:
             record["preset"] = model.preset.name
             record["crop_spacings_mm"] = list(predictor.spacings)
             record["inference_dtype"] = model.inference_dtype
+            record["embedding_cache_crops"] = predictor.cache_size
             if model.initialised_keys:
                 record["initialised_keys"] = list(model.initialised_keys)
         return record
@@ -153,12 +159,12 @@ def _mtime(path: Path) -> int | None:
 
 
 def served_model_for(state_dir: str | os.PathLike, model: str | os.PathLike | None = None,
-                     dtype: str | None = None) -> ServedModel:
+                     dtype: str | None = None, cache_mb: float = DEFAULT_EMBEDDING_CACHE_MB) -> ServedModel:
     """What the app serves for a datastore: ``model`` (a file in model/ or a path; default the shipped
     model), replaced by the model a training job published under ``state_dir`` while that exists."""
     model_file = Path(model or DEFAULT_MODEL)
     return ServedModel(model_file if model_file.is_absolute() else MODEL_DIR / model_file, dtype=dtype,
-                       published=Path(state_dir) / "models" / f"{PROMPTABLE}.pt")
+                       cache_mb=cache_mb, published=Path(state_dir) / "models" / f"{PROMPTABLE}.pt")
 
 
 def copy_atomically(source: Path, target: Path) -> None:

@@ -107,13 +107,14 @@ def check_and_stop_training(app: FastAPI, trainers: dict, datastore, stop_grace_
     replace_route(app, train_endpoint.router, train_endpoint.api_stop, stop)
 
 
-def serve_leased_strategies(app: FastAPI, instance, strategies: dict, leased: set[str]) -> None:
+def serve_leased_strategies(app: FastAPI, instance, strategies: dict, leased: set[str], prewarmer=None) -> None:
     """``POST /activelearning/{strategy}`` for the strategies in ``leased`` without MONAI Label's extra writes.
 
     MONAI Label records every served sample by rewriting the image's info after the strategy ran: a second
     datastore write per request (and a window in which two clients get the same scan). The leased strategies
     choose and record in one transaction (PETDatastore.lease_best), so their answer skips that write; other
-    strategies are served by MONAI Label unchanged; an unknown one is a 404.
+    strategies are served by MONAI Label unchanged; an unknown one is a 404. With a ``prewarmer``
+    (`segany_pet.label.prewarm.Prewarmer`), the scan served starts warming for its annotator's clicks.
     """
     from monailabel.endpoints import activelearning as endpoint
 
@@ -122,13 +123,15 @@ def serve_leased_strategies(app: FastAPI, instance, strategies: dict, leased: se
             raise HTTPException(status_code=404, detail=f"strategy {strategy!r} is unknown; the strategies are "
                                                         f"{sorted(strategies)}")
         if strategy not in leased:
-            return endpoint.sample(strategy, params, user.username)
-        request = {"strategy": strategy, **(params or {})}
-        request["client_id"] = request.get("client_id") or user.username  # MONAILabelClient sends null by default
-        result = instance.next_sample(request)
-        if not result:
-            return {}
-        return {**instance.datastore().get_image_info(result["id"]), **result}
+            result = endpoint.sample(strategy, params, user.username)
+        else:
+            request = {"strategy": strategy, **(params or {})}
+            request["client_id"] = request.get("client_id") or user.username  # MONAILabelClient sends null
+            result = instance.next_sample(request)
+            result = {**instance.datastore().get_image_info(result["id"]), **result} if result else {}
+        if prewarmer is not None and isinstance(result, dict) and result.get("path"):
+            prewarmer.scan_served(result["path"])
+        return result
 
     replace_route(app, endpoint.router, endpoint.api_sample, next_sample)
 
@@ -205,15 +208,22 @@ def label_suffix(filename: str | None) -> str:
 # ----------------------------------------------------------------------------------------------------------
 # The datastore, sessions, models and logs
 
-def serve_confined_datastore(app: FastAPI, instance, accepts_images: bool) -> None:
+def serve_confined_datastore(app: FastAPI, instance, accepts_images: bool, prewarmer=None) -> None:
     """MONAI Label's datastore writes with every name checked and every upload checked and removed.
 
     Names go through the datastore's `checked_name`, images through `load_nifti`'s PET checks, labels through
     `check_label_file` with the app's LABEL_VALUES (the datastore does both); an unknown id is a 404.
     ``accepts_images``: False for a DICOMweb datastore, whose images come from the PACS. The dataset export
-    streams its archive from a file already unlinked, so no request leaves it behind.
+    streams its archive from a file already unlinked, so no request leaves it behind. With a ``prewarmer``, an
+    image download (how Slicer opens a scan) starts warming the scan for its clicks.
     """
     from monailabel.endpoints import datastore as endpoint
+
+    def download_image(image, user):
+        reply = endpoint.download_image(image)
+        if prewarmer is not None and isinstance(reply, FileResponse):
+            prewarmer.scan_served(reply.path)
+        return reply
 
     def add_image(background_tasks, image, params, file, user):
         if not accepts_images:
@@ -275,7 +285,7 @@ def serve_confined_datastore(app: FastAPI, instance, accepts_images: bool) -> No
         (endpoint.api_save_label, save_label), (endpoint.api_remove_label, remove_label),
         (endpoint.api_put_image_info, update_image_info), (endpoint.api_put_label_info, update_label_info),
         (endpoint.api_update_label_info, update_label_info_deprecated),
-        (endpoint.api_download_dataset, download_dataset),
+        (endpoint.api_download_dataset, download_dataset), (endpoint.api_download_image, download_image),
     ]:
         replace_route(app, endpoint.router, original, replacement)
 

@@ -78,6 +78,13 @@ class Preset:
         """Voxels per side of the decoder's low-res logits (and of a mask prompt)."""
         return self.embedding_grid * 4
 
+    @property
+    def embedding_bytes(self) -> int:
+        """Memory of one cached image embedding (float32), detail features included (`Sam3D.embed`)."""
+        detail_channels = self.prompt_dim // 8 if self.detail_width else 0  # what `detail_encoder` hands on
+        channels = self.prompt_dim + 64 * detail_channels
+        return 4 * channels * self.embedding_grid**3
+
     def to_dict(self) -> dict:
         """Plain Python values (JSON- and weights_only-safe)."""
         record = dataclasses.asdict(self)
