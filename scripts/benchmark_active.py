@@ -9,15 +9,22 @@
    on 4 mm whole-body phantoms and on autoPET-sized ones (400x400x326), and the projected time for a
    5,731-scan cohort (PETS-5k) on one machine and on N machines (ranks shard the scans; each writes its
    scores under the datastore's file lock).
+3. The same autoPET-sized scans rescored by the command line, ``segany-pet score --force``, as one process of 2
+   torch threads and as two ranks of one thread each on the same 2 cores (``RANK`` / ``WORLD_SIZE``, as
+   torchrun sets them): wall time from launch to the last exit (process start and model load included), and
+   the scans per minute the ranks report (scoring alone), with the PETS-5k projection of each.
 
-    .venv/bin/python scripts/benchmark_active.py [--scans 6000] [--requests 30] [--score-4mm 4] [--score-autopet 2]
+    .venv/bin/python scripts/benchmark_active.py [--scans 6000] [--requests 30] [--score-4mm 4] [--score-autopet 6]
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -128,12 +135,38 @@ def throughput(folder: Path, grid: str, scans: int, predictor) -> float:
     return per_minute
 
 
+def processes(folder: Path, scans: int) -> None:
+    """Rescore ``folder`` by the command line: one process of 2 threads, then two ranks of one thread."""
+    print(f"\n`segany-pet score --force` on the {scans} autoPET-sized scans, 2 cores")
+    print("| processes x torch threads | wall s (start included) | scans/min, wall | scans/min, ranks' own "
+          "| PETS-5k, 1 machine (ranks' own) |")
+    print("|---|---|---|---|---|")
+    rates = {}
+    for world_size, threads in ((1, 2), (2, 1)):
+        started = time.perf_counter()
+        ranks = [subprocess.Popen([sys.executable, "-m", "segany_pet.cli", "score", str(folder), "--force",
+                                   "--model", str(MODEL), "--threads", str(threads)],
+                                  env={**os.environ, "RANK": str(rank), "WORLD_SIZE": str(world_size),
+                                       "OMP_NUM_THREADS": str(threads)},
+                                  stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+                 for rank in range(world_size)]
+        outputs = [rank.communicate()[0] for rank in ranks]
+        wall = time.perf_counter() - started
+        if any(rank.returncode for rank in ranks):
+            raise RuntimeError(f"segany-pet score failed: {outputs}")
+        own = sum(float(re.search(r"([0-9.]+) scans/min", out).group(1)) for out in outputs)
+        rates[world_size] = own
+        print(f"| {world_size} x {threads} | {wall:.1f} | {60 * scans / wall:.2f} | {own:.2f} | "
+              f"{PETS_5K / own / 60:.1f} h |")
+    print(f"\ntwo ranks against one process: {rates[2] / rates[1]:.2f}x the scans per minute")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--scans", type=int, default=6000)
     parser.add_argument("--requests", type=int, default=30)
     parser.add_argument("--score-4mm", type=int, default=4, help="4 mm phantoms to score")
-    parser.add_argument("--score-autopet", type=int, default=2, help="autoPET-sized phantoms to score")
+    parser.add_argument("--score-autopet", type=int, default=6, help="autoPET-sized phantoms to score")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -152,6 +185,8 @@ def main() -> None:
             folder = Path(tmp) / grid / "images"
             folder.mkdir(parents=True)
             throughput(folder, grid, count, predictor)
+        if args.score_autopet:
+            processes(Path(tmp) / "autopet" / "images", args.score_autopet)
     print(f"\n{os.cpu_count()} CPU cores")
 
 

@@ -16,9 +16,11 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+from scipy import ndimage
 
 from segany_pet.active.cross_prompt import (
     PromptPair,
+    dilated_label,
     hot_spot_threshold,
     hot_spots,
     liver_reference,
@@ -389,3 +391,11 @@ def test_the_shipped_hot_spot_classifier_tells_organs_from_lesions_on_unseen_pha
         assert plan.organ_spots == int((~kept).sum()) and all(t.kind == "hot_spot" for t in plan.targets)
     assert len(organ_kept) >= 40 and np.mean(organ_kept) <= 0.1, np.mean(organ_kept)
     assert len(lesion_kept) >= 5 and np.mean(lesion_kept) >= 0.6, np.mean(lesion_kept)
+
+
+def test_a_label_dilated_within_its_box_equals_the_whole_grid_dilated():
+    label = np.zeros((30, 40, 20), dtype=np.uint8)
+    label[0:3, 10:14, 5:9] = 1  # on the grid's face
+    label[20:22, 30:31, 17:20] = 2  # and its far corner
+    np.testing.assert_array_equal(dilated_label(label), ndimage.binary_dilation(label > 0, iterations=2))
+    assert not dilated_label(np.zeros_like(label)).any()

@@ -2,9 +2,10 @@ import json
 
 import numpy as np
 import pytest
+from scipy import ndimage
 
 from segany_pet.errors import UserInputError
-from segany_pet.pet.quantify import label_lesions, quantify, sphere_kernel
+from segany_pet.pet.quantify import LESION_CONNECTIVITY, label_in_box, label_lesions, quantify, sphere_kernel
 
 
 def brute_force_suvpeak(suv, lesion, spacing, radius=6.2):
@@ -132,3 +133,15 @@ def test_result_is_plain_json():
 def test_mask_on_another_grid_is_refused():
     with pytest.raises(UserInputError, match="PET grid"):
         quantify(np.ones((5, 5, 5)), np.ones((5, 5, 4)), (2.0, 2.0, 2.0))
+
+
+@pytest.mark.parametrize("density", [0.0, 0.001, 0.3])
+def test_labelling_within_the_masks_box_gives_the_labels_of_the_whole_grid(density):
+    mask = np.zeros((40, 30, 50), dtype=bool)
+    rng = np.random.default_rng(3)
+    mask[5:31, 8:22, 10:45] = rng.random((26, 14, 35)) < density
+    mask[5, 8, 10] = density > 0  # a voxel on the box's corner
+    labels, count = label_in_box(mask)
+    expected, expected_count = ndimage.label(mask, structure=LESION_CONNECTIVITY)
+    assert count == expected_count and labels.dtype == np.int32
+    np.testing.assert_array_equal(labels, expected)

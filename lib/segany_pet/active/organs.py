@@ -109,25 +109,31 @@ def spot_features(volume: PETVolume, spot, grown, liver_mean: float | None, thre
     ])
 
 
-def describe_hot_spots(volume: PETVolume, spots, threshold: float, liver: dict | None) -> tuple[np.ndarray, list]:
-    """(FEATURES of each spot (n, 8), each spot's 41%-of-SUVmax region as a `ClickRegion`)."""
+def describe_hot_spots(volume: PETVolume, spots, threshold: float, liver: dict | None,
+                       regions: np.ndarray | None = None) -> tuple[np.ndarray, list]:
+    """(FEATURES of each spot (n, 8), each spot's 41%-of-SUVmax region as a `ClickRegion`); ``regions``: the
+    26-connected regions above ``threshold`` when the caller has them (`region_volumes`)."""
     from segany_pet.evaluate.baselines import regions_from_clicks
 
     if not spots:
         return np.zeros((0, len(FEATURES))), []
     frame = BodyFrame.of(volume)
     grown = regions_from_clicks(volume.suv, volume.spacing, spots)
-    above = region_volumes(volume, threshold, spots)
+    above = region_volumes(volume, threshold, spots, regions)
     liver_mean = liver["mean"] if liver else None
     rows = [spot_features(volume, spot, region, liver_mean, threshold, frame, ml)
             for spot, region, ml in zip(spots, grown, above, strict=True)]
     return np.stack(rows), grown
 
 
-def region_volumes(volume: PETVolume, threshold: float, spots) -> list[float]:
-    """mL of the connected region above ``threshold`` that holds each spot (26-connected)."""
-    regions, _ = ndimage.label(volume.suv > threshold, structure=np.ones((3, 3, 3), dtype=bool))
-    sizes = np.bincount(regions.ravel())
+def region_volumes(volume: PETVolume, threshold: float, spots, regions: np.ndarray | None = None) -> list[float]:
+    """mL of the connected region above ``threshold`` that holds each spot (26-connected); ``regions``: those
+    regions labelled already (`scan_targets` labels them once for this and `hot_spots`)."""
+    if regions is None:
+        regions, _ = ndimage.label(volume.suv > threshold, structure=np.ones((3, 3, 3), dtype=bool))
+    # Counted over the voxels above the threshold only: a bincount of the whole grid (52 M voxels on an autoPET
+    # scan) first widens every label to 64 bits.
+    sizes = np.bincount(regions[regions > 0])
     voxel_ml = float(np.prod(volume.spacing)) / 1000.0
     return [float(sizes[regions[tuple(s)]]) * voxel_ml if regions[tuple(s)] else voxel_ml for s in spots]
 

@@ -15,6 +15,7 @@ import logging
 import os
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import nibabel as nib
@@ -33,11 +34,17 @@ SCORE_KEYS = ("cross_prompt_disagreement", "cross_prompt_entropy", "cross_prompt
               "liver_reference", "targets", "label_noise_score", "label_noise_worst", "cross_prompt_error")
 
 
+# Embeddings a scoring Predictor keeps: every crop of one scan's targets (up to 16 hot spots and the label's
+# components, prompted two ways), so the scan's descriptor and a point and a box prompt in the same crop reuse them
+# (217 MB of the shipped model's).
+SCORING_CACHE = 64
+
+
 def scoring_predictor(model) -> Predictor:
     """A Predictor for scoring: one window per prompt (a target larger than a crop is rare, and a ranking
-    signal need not follow it: 1.5-4x faster per target), a small embedding cache (one scan at a time), and
+    signal need not follow it: 1.5-4x faster per target), an embedding cache for one scan at a time, and
     the preset's spacing alone (a scale ensemble would double the cost of a ranking)."""
-    return Predictor(model, max_windows=1, cache_size=4, scale_ensemble=False)
+    return Predictor(model, max_windows=1, cache_size=SCORING_CACHE, scale_ensemble=False)
 
 
 def file_stamp(path: str | os.PathLike | None) -> str:
@@ -72,39 +79,59 @@ def score_datastore(datastore, point: Predictor, box: Predictor, model_key: str,
     started = time.perf_counter()
     progress = {"total": len(mine), "done": 0, "scored": 0, "unchanged": 0, "failed": 0, "rank": rank,
                 "world_size": world_size}
+    to_score = []
     for image_id in mine:
         image_path = datastore.get_image_uri(image_id)
         label_id = datastore.get_label_by_image_id(image_id, FINAL)
         label_path = datastore.get_label_uri(label_id, FINAL) if label_id else None
         key = f"{file_stamp(image_path)}|{file_stamp(label_path)}|{model_key}"
-        info = datastore.get_image_info(image_id) or {}
-        if not force and info.get("cross_prompt_key") == key:
+        if not force and (datastore.get_image_info(image_id) or {}).get("cross_prompt_key") == key:
             progress["unchanged"] += 1
+            _advance(progress, started, on_progress)
         else:
+            to_score.append((image_id, image_path, label_path, key))
+    # The next scan is read (decompressed) in a second thread while this one is scored: reading holds the GIL
+    # little, and scoring's own numpy work runs on one core.
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="scan reader") as reader:
+        reading = [reader.submit(read_scan, *job[:3]) for job in to_score[:1]]
+        for index, (image_id, _, _, key) in enumerate(to_score):
+            if index + 1 < len(to_score):
+                reading.append(reader.submit(read_scan, *to_score[index + 1][:3]))
             try:
-                result = score_image(point, box, image_id, image_path, label_path)
+                result = score_volume(point, box, image_id, *reading[index].result())
                 progress["scored"] += 1
             except UserInputError as exc:
                 result = {"cross_prompt_error": str(exc)}
                 progress["failed"] += 1
                 log.warning("cross_prompt: %s not scored: %s", image_id, exc)
+            reading[index] = None  # its volume goes
+            info = datastore.get_image_info(image_id) or {}
             stale = {k: None for k in SCORE_KEYS if k in info and k not in result}  # e.g. a label was removed
             datastore.update_image_info(image_id, {**stale, **result, "cross_prompt_key": key,
                                                    "cross_prompt_ts": int(time.time())})
-        progress["done"] += 1
-        elapsed = time.perf_counter() - started
-        rate = progress["scored"] / elapsed if progress["scored"] else 0.0
-        remaining = progress["total"] - progress["done"]
-        progress.update(seconds=round(elapsed, 1), scans_per_minute=round(60 * rate, 2),
-                        eta_seconds=round(remaining / rate) if rate else None)
-        if on_progress is not None:
-            on_progress(dict(progress))
+            _advance(progress, started, on_progress)
     return progress
+
+
+def _advance(progress: dict, started: float, on_progress) -> None:
+    progress["done"] += 1
+    elapsed = time.perf_counter() - started
+    rate = progress["scored"] / elapsed if progress["scored"] else 0.0
+    remaining = progress["total"] - progress["done"]
+    progress.update(seconds=round(elapsed, 1), scans_per_minute=round(60 * rate, 2),
+                    eta_seconds=round(remaining / rate) if rate else None)
+    if on_progress is not None:
+        on_progress(dict(progress))
 
 
 def score_image(point: Predictor, box: Predictor, image_id: str, image_path: str,
                 label_path: str | None) -> dict:
     """`score_scan` of one stored image (and its final label), embeddings dropped afterwards."""
+    return score_volume(point, box, image_id, *read_scan(image_id, image_path, label_path))
+
+
+def read_scan(image_id: str, image_path: str, label_path: str | None) -> tuple:
+    """(the image as a PETVolume, its label array or None), or a UserInputError that says what to fix."""
     volume = load_nifti(image_path)
     label = None
     if label_path:
@@ -117,6 +144,11 @@ def score_image(point: Predictor, box: Predictor, image_id: str, image_path: str
                 f"label of {image_id} has shape {label.shape}, its image {volume.shape}: labels must be on the "
                 "image's grid"
             )
+    return volume, label
+
+
+def score_volume(point: Predictor, box: Predictor, image_id: str, volume, label: np.ndarray | None) -> dict:
+    """`score_scan` of a scan read by `read_scan`, embeddings dropped afterwards."""
     try:
         sessions = (point.set_volume(volume, f"score:{image_id}"), box.set_volume(volume, f"score:{image_id}"))
         return score_scan(*sessions, label=label, liver=None)
