@@ -13,12 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from segany_pet.errors import PromptError
-from segany_pet.model import PRESETS, build_model
-from segany_pet.pet.volume import PETVolume
-from segany_pet.predictor import (
+from segany_pet.crops import (
     CropGeometry,
-    Predictor,
     canonical_axes,
     crop_volume,
     extension_windows,
@@ -29,6 +25,10 @@ from segany_pet.predictor import (
     resample,
     touched_faces,
 )
+from segany_pet.errors import PromptError
+from segany_pet.model import PRESETS, build_model
+from segany_pet.pet.volume import PETVolume
+from segany_pet.predictor import Predictor
 
 # The default preset's architecture at 3 mm, one spacing: the geometry below is worked out for 192 mm crops.
 SMALL = dataclasses.replace(PRESETS["segany_pet_small"], spacing_mm=3.0, ensemble_spacings_mm=())

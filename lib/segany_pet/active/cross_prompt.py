@@ -22,9 +22,10 @@ import numpy as np
 from scipy import ndimage, special
 
 from segany_pet.active.organs import LESION_PROBABILITY, HotSpotClassifier, describe_hot_spots, shipped_classifier
+from segany_pet.crops import CropGeometry, paste_logits
 from segany_pet.pet import PETVolume
 from segany_pet.pet.quantify import label_in_box, mask_bounding_box
-from segany_pet.predictor import CropGeometry, Prediction, VolumeSession, paste_logits
+from segany_pet.predictor import Prediction, VolumeSession
 from segany_pet.prompts import centre_click
 
 # PERCIST: measurable uptake exceeds 1.5 x liver SUVmean + 2 x liver SD (3 cm liver VOI).

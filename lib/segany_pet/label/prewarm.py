@@ -28,8 +28,9 @@ from collections import OrderedDict
 import numpy as np
 from scipy import ndimage
 
+from segany_pet.crops import CropGeometry
 from segany_pet.pet import PETVolume, VolumeCache
-from segany_pet.predictor import CropGeometry, VolumeSession
+from segany_pet.predictor import VolumeSession
 
 logger = logging.getLogger(__name__)
 

@@ -36,11 +36,11 @@ import numpy as np
 import torch
 from scipy import ndimage
 
+from segany_pet.crops import CropGeometry, crop_volume, normalise, translation
 from segany_pet.errors import UserInputError
 from segany_pet.model import Preset
 from segany_pet.pet import PETVolume, load_nifti
 from segany_pet.pet.quantify import LESION_CONNECTIVITY
-from segany_pet.predictor import CropGeometry, crop_volume, normalise, translation
 from segany_pet.prompts import centre_click
 
 log = logging.getLogger(__name__)
