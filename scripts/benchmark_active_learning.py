@@ -61,12 +61,12 @@ from segany_pet.active.scoring import (
     score_image,
     scoring_predictor,
 )
-from segany_pet.evaluate.baselines import regions_from_clicks
 from segany_pet.evaluate.interactive import evaluate_case, summarise
 from segany_pet.model import load_checkpoint
 from segany_pet.model.checkpoint import save_checkpoint
 from segany_pet.pet import load_nifti
 from segany_pet.phantom.label_noise import NOISE_KINDS
+from segany_pet.segment.threshold import regions_from_clicks
 from segany_pet.train import MODEL_BEST
 from segany_pet.train.fast import FastTrainer, fresh_decoder
 

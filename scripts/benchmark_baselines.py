@@ -19,11 +19,12 @@ from collections import defaultdict
 import numpy as np
 from tqdm import tqdm
 
-from segany_pet.edge import PEAK_PROMINENCE
-from segany_pet.evaluate import METHODS, lesion_dice, segment_from_clicks
+from segany_pet.evaluate import lesion_dice
 from segany_pet.phantom import generate_case
 from segany_pet.phantom.anatomy import ORGAN_NAMES
 from segany_pet.prompts import centre_click
+from segany_pet.segment import METHODS, segment_from_clicks
+from segany_pet.segment.edge import PEAK_PROMINENCE
 
 ORGANS = {name: label for label, name in ORGAN_NAMES.items() if name in ("bladder", "brain")}
 CUT = f"saddle cut {PEAK_PROMINENCE:g}"

@@ -3,8 +3,8 @@ import pytest
 from scipy import ndimage
 
 from segany_pet.errors import PromptError, UserInputError
-from segany_pet.evaluate import METHODS, regions_from_clicks, segment_from_clicks
-from segany_pet.evaluate.baselines import SIZED_FULL_ML, SIZED_MAX_FRACTION, sized_fraction
+from segany_pet.segment import METHODS, regions_from_clicks, segment_from_clicks
+from segany_pet.segment.threshold import SIZED_FULL_ML, SIZED_MAX_FRACTION, sized_fraction
 
 SPACING = (2.0, 2.0, 2.0)
 SHAPE = (60, 60, 40)

@@ -1,4 +1,5 @@
-"""Snapping a model's mask to the lesion's uptake (segany_pet.edge): when it is taken and when the mask stands."""
+"""Snapping a model's mask to the lesion's uptake (segany_pet.segment.edge): when it is taken and when the mask
+stands."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from segany_pet.edge import snap_to_uptake
+from segany_pet.segment.edge import snap_to_uptake
 
 SPACING = (4.0, 4.0, 4.0)
 

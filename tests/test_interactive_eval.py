@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import torch
 
-from segany_pet.evaluate import METHODS
 from segany_pet.evaluate.interactive import (
     autopet_iv_clicks,
     case_bootstrap_interval,
@@ -26,6 +25,7 @@ from segany_pet.model import build_model
 from segany_pet.pet import PETVolume
 from segany_pet.predictor import Predictor
 from segany_pet.prompts import centre_click
+from segany_pet.segment import METHODS
 from support import TINY
 
 TOUCHES = {1: None, 2: "bladder", 3: None}

@@ -21,8 +21,8 @@ import os
 import sys
 from pathlib import Path
 
-from segany_pet.edge import EDGE_METHODS
 from segany_pet.errors import CheckpointError, UserInputError
+from segany_pet.segment.edge import EDGE_METHODS
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 APP_DIR = REPO_ROOT / "apps" / "segany_pet"

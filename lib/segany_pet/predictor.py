@@ -43,10 +43,10 @@ from segany_pet.crops import (
     place_crop,
     resample,
 )
-from segany_pet.edge import EDGE_METHODS, snap_to_uptake
 from segany_pet.errors import PromptError
 from segany_pet.pet.volume import PETVolume
 from segany_pet.prompts import parse_clicks
+from segany_pet.segment.edge import EDGE_METHODS, snap_to_uptake
 
 # A previous mask that has to be resampled into a new crop becomes logits of +-8: confident, not saturated.
 MASK_PROMPT_LOGIT = 8.0
@@ -343,7 +343,7 @@ class VolumeSession:
         kept (send only the new clicks, or all of them: repeats count once) and its logits become the mask
         prompt, as SAM refines. The mask is the maximum of the logits of every window at each crop spacing,
         averaged over the spacings of a scale ensemble that found something and thresholded at 0 (`paste_mask`).
-        ``edge``: None keeps that mask; a method of `segany_pet.edge` snaps it to the lesion's uptake where the
+        ``edge``: None keeps that mask; a method of `segany_pet.segment.edge` snaps it to the lesion's uptake where the
         two agree (the mask prompt of the next click stays the model's own logits).
         """
         if edge is not None and edge not in EDGE_METHODS:

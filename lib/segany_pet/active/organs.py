@@ -24,6 +24,7 @@ import numpy as np
 from scipy import ndimage
 
 from segany_pet.pet import PETVolume
+from segany_pet.segment import regions_from_clicks
 
 CLASSIFIER_FILE = Path(__file__).resolve().parents[3] / "model" / "hot_spot_classifier.json"
 FORMAT = "segany_pet_hot_spot_classifier"
@@ -113,8 +114,6 @@ def describe_hot_spots(volume: PETVolume, spots, threshold: float, liver: dict |
                        regions: np.ndarray | None = None) -> tuple[np.ndarray, list]:
     """(FEATURES of each spot (n, 8), each spot's 41%-of-SUVmax region as a `ClickRegion`); ``regions``: the
     26-connected regions above ``threshold`` when the caller has them (`region_volumes`)."""
-    from segany_pet.evaluate.baselines import regions_from_clicks
-
     if not spots:
         return np.zeros((0, len(FEATURES))), []
     frame = BodyFrame.of(volume)

@@ -27,11 +27,11 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from segany_pet.evaluate.baselines import METHODS, segment_from_clicks
 from segany_pet.evaluate.metrics import dice, false_negative_volume, false_positive_volume, lesion_dice
 from segany_pet.pet.quantify import LESION_CONNECTIVITY, label_lesions
 from segany_pet.phantom.lesions import HOT_NEIGHBOURS
 from segany_pet.prompts import centre_click
+from segany_pet.segment.threshold import METHODS, segment_from_clicks
 
 log = logging.getLogger(__name__)
 

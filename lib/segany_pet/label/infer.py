@@ -19,19 +19,20 @@ from typing import Any
 import numpy as np
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 
-from segany_pet.edge import EDGE_METHODS, PEAK_PROMINENCE
 from segany_pet.errors import PromptError, SessionNotFoundError
-from segany_pet.evaluate.baselines import METHODS, segment_from_clicks
 from segany_pet.label.models import ServedModel
 from segany_pet.label.prewarm import Prewarmer, volume_id
 from segany_pet.pet import VolumeCache, mask_nrrd, mask_nrrd_box, quantify, save_mask
 from segany_pet.predictor import Prediction, VolumeSession
+from segany_pet.segment.edge import EDGE_METHODS, PEAK_PROMINENCE
+from segany_pet.segment.threshold import METHODS, segment_from_clicks
 
 logger = logging.getLogger(__name__)
 
 LESION_LABELS = {"lesion": 1}
 RESULT_EXTENSIONS = (".nii.gz", ".nii", ".nrrd")
-# Where a mask's boundary comes from (segany_pet.edge): the model's own, or the lesion's uptake where they agree.
+# Where a mask's boundary comes from (segany_pet.segment.edge): the model's own, or the lesion's uptake where they
+# agree.
 MODEL_EDGE = "model"
 EDGES = (MODEL_EDGE, *EDGE_METHODS)
 DEFAULT_EDGE = "sized_41"
@@ -273,7 +274,7 @@ class PromptableSegmentationInfer(InferTask):
     insists on a previous result and fails if there is none). Without a client id every request stands
     alone, so anonymous annotators never share state. ``edge``: where the mask's boundary comes from,
     ``sized_41`` (default: the lesion's 41% SUVmax uptake, raised for small lesions, where it agrees with the
-    model, `segany_pet.edge`), ``relative_41``, ``relative_50``, or ``model`` (the model's mask as it is); the
+    model, `segany_pet.segment.edge`), ``relative_41``, ``relative_50``, or ``model`` (the model's mask as it is); the
     reply's ``edge`` says which one was used. With a ``prewarmer``, a click on a scan not warmed yet starts
     warming its other likely click sites (`segany_pet.label.prewarm`).
     """

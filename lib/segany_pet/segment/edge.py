@@ -2,7 +2,7 @@
 
 The model answers *which* object a click means (the lesion, not the bladder it touches); where a lesion ends
 on PET is what the EANM guideline's threshold says, a fraction of its SUVmax. `snap_to_uptake` grows that
-threshold region from the lesion clicks (the classical methods of `segany_pet.evaluate.baselines`, background
+threshold region from the lesion clicks (the classical methods of `segany_pet.segment.threshold`, background
 clicks included), cut from any hotter neighbour at the saddle between them (``PEAK_PROMINENCE``), and takes
 it, holes filled (a necrotic core is part of the lesion), only when it stays within the model's mask: at least
 ``INSIDE_SHARE`` of it inside the mask grown by ``MARGIN_VOXELS``. A region that leaks into an organ with no
@@ -22,7 +22,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
-from segany_pet.evaluate.baselines import regions_from_clicks
+from segany_pet.segment.threshold import regions_from_clicks
 
 EDGE_METHODS = ("relative_41", "relative_50", "sized_41")
 MARGIN_VOXELS = 2
