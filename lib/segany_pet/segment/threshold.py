@@ -87,29 +87,11 @@ class ClickRegion:
         return int(self.mask.sum())
 
 
-def segment_from_clicks(
-    suv: np.ndarray,
-    spacing: tuple[float, float, float],
-    foreground,
-    background=(),
-    method: str = "relative_41",
-    *,
-    search_radius_mm: float = SEARCH_RADIUS_MM,
-    max_extent_mm: float = MAX_EXTENT_MM,
-    peak_prominence: float | None = None,
-) -> np.ndarray:
-    """Union of the regions grown from each lesion click (`regions_from_clicks`): a uint8 mask (0/1) on the SUV
-    grid."""
-    regions = regions_from_clicks(
-        suv,
-        spacing,
-        foreground,
-        background,
-        method,
-        search_radius_mm=search_radius_mm,
-        max_extent_mm=max_extent_mm,
-        peak_prominence=peak_prominence,
-    )
+def segment_from_clicks(suv: np.ndarray, spacing, foreground, background=(), method: str = "relative_41",
+                        **options) -> np.ndarray:
+    """Union of the regions grown from each lesion click: a uint8 mask (0/1) on the SUV grid. Arguments and
+    ``options`` as `regions_from_clicks` takes them."""
+    regions = regions_from_clicks(suv, spacing, foreground, background, method, **options)
     mask = np.zeros(np.shape(suv), dtype=np.uint8)
     for region in regions:
         mask[region.box][region.mask] = 1
