@@ -19,7 +19,6 @@ import pytest
 from scipy import ndimage
 
 from segany_pet.active.cross_prompt import (
-    PromptPair,
     dilated_label,
     hot_spot_threshold,
     hot_spots,
@@ -37,6 +36,7 @@ from segany_pet.active.scoring import (
     score_datastore,
     scoring_predictor,
 )
+from segany_pet.agreement import PromptPair
 from segany_pet.label.activelearning import disagreement_strategy, diverse_disagreement_strategy
 from segany_pet.label.datastore import PETDatastore
 from segany_pet.model import load_checkpoint

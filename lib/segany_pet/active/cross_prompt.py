@@ -15,17 +15,17 @@ Frames: voxel indices of the stored image throughout.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import ndimage, special
+from scipy import ndimage
 
 from segany_pet.active.organs import LESION_PROBABILITY, HotSpotClassifier, describe_hot_spots, shipped_classifier
-from segany_pet.crops import CropGeometry, paste_logits
+from segany_pet.agreement import confidence_targets, prompt_pair
+from segany_pet.crops import CropGeometry
 from segany_pet.pet import PETVolume
 from segany_pet.pet.quantify import label_in_box, mask_bounding_box
-from segany_pet.predictor import Prediction, VolumeSession
+from segany_pet.predictor import VolumeSession
 from segany_pet.prompts import centre_click
 
 # PERCIST: measurable uptake exceeds 1.5 x liver SUVmean + 2 x liver SD (3 cm liver VOI).
@@ -50,68 +50,6 @@ WORST_REPORTED = 5
 # `scan_descriptor`: dimensions kept of the pooled image embedding, and the seed of the projection.
 DESCRIPTOR_DIMS = 16
 DESCRIPTOR_SEED = 20261207
-
-
-@dataclass
-class PromptPair:
-    """Both models' probabilities on a region of the stored grid (slices) holding both answers."""
-
-    region: tuple[slice, slice, slice]
-    point: np.ndarray
-    box: np.ndarray
-    geometry: CropGeometry | None = None  # the point prompt's crop (its embedding describes the target)
-
-    def disagreement(self, threshold: float = 0.5) -> float:
-        """1 - Dice of the two masks (0 when both are empty: they agree there is nothing)."""
-        return 1.0 - dice(self.point > threshold, self.box > threshold)
-
-    def entropy_bits(self, threshold: float = 0.5) -> float:
-        """Mean binary entropy (bits) of the averaged probability over the voxels either model calls object."""
-        where = (self.point > threshold) | (self.box > threshold)
-        if not where.any():
-            return 0.0
-        mean = np.clip(0.5 * (self.point[where] + self.box[where]), 1e-6, 1 - 1e-6).astype(np.float64)
-        return float(np.mean(-(mean * np.log(mean) + (1 - mean) * np.log(1 - mean))) / math.log(2.0))
-
-
-def prompt_pair(point: VolumeSession, box: VolumeSession, click, corners, around=(), pad: int = 2) -> PromptPair:
-    """Click ``point``'s model at ``click`` and give ``box``'s model the box ``corners`` (min, max inclusive);
-    their probabilities on the region covering both answers and the boxes (slices) in ``around``."""
-    predictions = (point.predict(foreground=[list(click)]), box.predict(box=corners))
-    volume = point.volume
-    placed = [_pasted(prediction, volume) for prediction in predictions]
-    region = bounding_region([*around, *(item[0] for item in placed if item is not None)], volume.shape, pad)
-    return PromptPair(region, *(probability_in(region, item) for item in placed), predictions[0].geometry)
-
-
-def _pasted(prediction: Prediction, volume: PETVolume):
-    return paste_logits(prediction.low_res_logits[0, 0], prediction.geometry, volume.affine, volume.shape)
-
-
-def probability_in(region: tuple[slice, ...], placed) -> np.ndarray:
-    """A model's probability on ``region`` from its pasted logits block (0 where the block does not reach)."""
-    probability = np.zeros([s.stop - s.start for s in region], dtype=np.float32)
-    if placed is not None:
-        block_box, block = placed
-        local = tuple(slice(b.start - r.start, b.stop - r.start) for b, r in zip(block_box, region, strict=True))
-        probability[local] = special.expit(np.asarray(block, dtype=np.float32))
-    return probability
-
-
-def bounding_region(boxes, shape, pad: int = 0) -> tuple[slice, ...]:
-    """The smallest box holding all ``boxes`` (tuples of slices), padded and clipped to ``shape``."""
-    starts = [max(min(b[a].start for b in boxes) - pad, 0) for a in range(3)]
-    stops = [min(max(b[a].stop for b in boxes) + pad, shape[a]) for a in range(3)]
-    return tuple(slice(lo, hi) for lo, hi in zip(starts, stops, strict=True))
-
-
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    total = int(a.sum()) + int(b.sum())
-    return 1.0 if total == 0 else 2.0 * int((a & b).sum()) / total
-
-
-# ----------------------------------------------------------------------------------------------
-# Targets without clicks
 
 
 def superior_axis(affine: np.ndarray) -> tuple[int, int]:
@@ -290,7 +228,6 @@ def score_scan(point: VolumeSession, box: VolumeSession, label: np.ndarray | Non
     ``label_noise_score`` (voxels where both models agree against the label, over voxels the label or their
     consensus calls object) and ``label_noise_worst``.
     """
-    from segany_pet.train.cpcl import confidence_targets  # the one definition of "noisy"
 
     plan = targets or scan_targets(point.volume, label, liver, max_hot_spots=max_hot_spots)
     components = plan.components

@@ -3,7 +3,8 @@ with checkpoints, resume, validation and progress (trainer), Cross-Prompt Confid
 loop on cached embeddings (fast), and torchrun support (distributed). `make_trainer` picks the trainer a
 TrainConfig's ``method`` and ``fast`` name."""
 
-from segany_pet.train.cpcl import CPCLTrainer, FastCPCLTrainer, confidence_targets, noise_report
+from segany_pet.agreement import confidence_targets
+from segany_pet.train.cpcl import CPCLTrainer, FastCPCLTrainer, noise_report
 from segany_pet.train.data import (
     TIERS,
     CropSample,

@@ -22,9 +22,7 @@ saved beside it as ``model_box.pt``. Every threshold and weight is a ``cpcl_*`` 
 from __future__ import annotations
 
 import logging
-import math
 from collections import defaultdict
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from segany_pet.active.cross_prompt import prompt_pair
+from segany_pet.agreement import confidence_targets, prompt_pair
 from segany_pet.jsonfile import write_json
 from segany_pet.model import Sam3D, build_model, load_checkpoint, save_checkpoint
 from segany_pet.pet import save_nifti
@@ -48,54 +46,6 @@ log = logging.getLogger(__name__)
 MODEL_BOX = "model_box.pt"
 NOISE_REPORT = "noise_report.json"
 CORRECTED_DIR = "cpcl_corrected"
-LN2 = math.log(2.0)
-
-
-@dataclass
-class Confidence:
-    """Per-voxel outcome of comparing two replicas' predictions with a label (all the label's shape)."""
-
-    label: torch.Tensor  # bool: the label as given
-    target: torch.Tensor  # float: the label, with the consensus in self-corrected voxels
-    weight: torch.Tensor  # float: loss weight per voxel
-    noisy: torch.Tensor  # bool: the replicas agree with each other and disagree with the label
-    corrected: torch.Tensor  # bool: noisy and certain, so the consensus replaced the label
-    uncertainty: torch.Tensor  # float in [0, 1]: binary entropy of the averaged prediction, in bits
-    consensus: torch.Tensor  # bool: the averaged prediction > agreement threshold
-
-    def noise_score(self) -> float:
-        """Noisy voxels over label-or-consensus voxels: 0 for a label both replicas reproduce, 1 for one they
-        both contradict everywhere."""
-        union = int((self.label | self.consensus).sum())
-        return float(self.noisy.sum()) / union if union else 0.0
-
-
-def confidence_targets(p_point, p_box, label, *, agreement_threshold: float = 0.5,
-                       uncertainty_threshold: float = 0.5, uncertain_weight: float = 0.5,
-                       self_correction: bool = True) -> Confidence:
-    """CPCL's confidence map from the two replicas' probabilities and a (possibly noisy) binary label.
-
-    Noisy voxels: both replicas on the same side of ``agreement_threshold`` and the label on the other. A noisy
-    voxel whose averaged probability has entropy below ``uncertainty_threshold`` bits takes the consensus as
-    target (with ``self_correction``); the other noisy voxels keep the label at weight ``uncertain_weight``.
-    Without self-correction every noisy voxel is kept and down-weighted (the ablation "CPCL without
-    self-correction"). Arrays or tensors of one shape; returns tensors.
-    """
-    p_point, p_box = torch.as_tensor(p_point, dtype=torch.float32), torch.as_tensor(p_box, dtype=torch.float32)
-    label = torch.as_tensor(label).float() >= 0.5
-    point_says, box_says = p_point > agreement_threshold, p_box > agreement_threshold
-    mean = 0.5 * (p_point + p_box)
-    consensus = mean > agreement_threshold
-    agree = point_says == box_says
-    noisy = agree & (point_says != label)
-    clamped = mean.clamp(1e-6, 1 - 1e-6)
-    uncertainty = -(clamped * clamped.log() + (1 - clamped) * (1 - clamped).log()) / LN2
-    certain = uncertainty < uncertainty_threshold
-    corrected = noisy & certain if self_correction else torch.zeros_like(noisy)
-    target = torch.where(corrected, point_says, label).float()
-    weight = torch.ones_like(p_point)
-    weight[noisy & ~corrected] = uncertain_weight
-    return Confidence(label, target, weight, noisy, corrected, uncertainty, consensus)
 
 
 def cross_supervision_loss(logits: torch.Tensor, other_probability: torch.Tensor, confidence: float) -> torch.Tensor:
