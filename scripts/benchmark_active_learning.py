@@ -53,7 +53,6 @@ import numpy as np
 import torch
 from benchmark_cpcl import SharedEncoder, auroc, interval, noisy_labels, write_cohort
 
-from segany_pet.active.audit import pyplot_agg
 from segany_pet.active.cross_prompt import TOP_TARGETS, scan_targets, score_scan
 from segany_pet.active.scoring import (
     annotation_priority,
@@ -66,6 +65,7 @@ from segany_pet.model import load_checkpoint
 from segany_pet.model.checkpoint import save_checkpoint
 from segany_pet.pet import load_nifti
 from segany_pet.phantom.label_noise import NOISE_KINDS
+from segany_pet.report import pyplot_agg
 from segany_pet.segment.threshold import regions_from_clicks
 from segany_pet.train import MODEL_BEST
 from segany_pet.train.fast import FastTrainer, fresh_decoder

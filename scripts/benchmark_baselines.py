@@ -20,8 +20,8 @@ import numpy as np
 from tqdm import tqdm
 
 from segany_pet.evaluate import lesion_dice
+from segany_pet.pet.organs import ORGAN_NAMES
 from segany_pet.phantom import generate_case
-from segany_pet.phantom.anatomy import ORGAN_NAMES
 from segany_pet.prompts import centre_click
 from segany_pet.segment import METHODS, segment_from_clicks
 from segany_pet.segment.edge import PEAK_PROMINENCE

@@ -46,13 +46,13 @@ import nibabel as nib
 import numpy as np
 import torch
 
-from segany_pet.active.audit import pyplot_agg
 from segany_pet.evaluate.interactive import evaluate_case, summarise
 from segany_pet.model import load_checkpoint
 from segany_pet.model.checkpoint import save_checkpoint
 from segany_pet.pet import load_nifti, save_nifti
 from segany_pet.phantom import generate_case, inject_label_noise
 from segany_pet.predictor import Predictor
+from segany_pet.report import pyplot_agg
 from segany_pet.train import MODEL_BEST, TRAIN_STATS, make_trainer
 from segany_pet.train.cpcl import CORRECTED_DIR, NOISE_REPORT
 from segany_pet.train.fast import FROZEN, fresh_decoder

@@ -36,7 +36,8 @@ from segany_pet.evaluate.cohort import evaluate_cohort
 from segany_pet.evaluate.interactive import markdown_table, write_report
 from segany_pet.model import PRESETS, Preset, load_checkpoint, save_checkpoint
 from segany_pet.pet import save_nifti
-from segany_pet.phantom import ORGAN_NAMES, generate_case
+from segany_pet.pet.organs import ORGAN_NAMES
+from segany_pet.phantom import generate_case
 from segany_pet.train import MODEL_BEST, TrainConfig, Trainer, records_from_folder
 
 REPO = Path(__file__).resolve().parents[1]

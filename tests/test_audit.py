@@ -10,13 +10,14 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from segany_pet.active.audit import CSV_COLUMNS, VIEWS, ras_axes, to_ras, write_audit
+from segany_pet.active.audit import CSV_COLUMNS, write_audit
 from segany_pet.active.scoring import score_datastore
 from segany_pet.errors import UserInputError
 from segany_pet.label.datastore import PETDatastore
 from segany_pet.model import load_checkpoint
 from segany_pet.pet import save_nifti
 from segany_pet.predictor import Predictor
+from segany_pet.report import VIEWS, ras_axes, to_ras
 from support import REPO, small_scan
 
 # Crops of 4 mm phantoms around a lesion with no hot organ inside: (seed, lesion index), few targets to score.

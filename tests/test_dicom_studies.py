@@ -11,8 +11,9 @@ import requests
 from monailabel.client import MONAILabelClient
 
 from segany_pet.label.datastore import PETDatastore
-from segany_pet.label.dicom_studies import REPORT, import_dicom_series, series_folders, summary
+from segany_pet.label.dicom_studies import REPORT, import_dicom_series, summary
 from segany_pet.pet import load_nifti, save_nifti
+from segany_pet.pet.dicom_files import series_folders
 from segany_pet.phantom.dicom import write_pet_series
 from support import running_server, small_scan, wait_for
 

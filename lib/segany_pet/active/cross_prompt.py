@@ -25,6 +25,7 @@ from segany_pet.agreement import confidence_targets, prompt_pair
 from segany_pet.crops import CropGeometry
 from segany_pet.pet import PETVolume
 from segany_pet.pet.quantify import label_in_box, mask_bounding_box
+from segany_pet.pet.volume import BODY_SUV, superior_axis
 from segany_pet.predictor import VolumeSession
 from segany_pet.prompts import centre_click
 
@@ -37,7 +38,6 @@ LIVER_WINDOW_MM = 30.0
 LIVER_MAX_CV = 0.2
 LIVER_MIN_ML = 100.0
 LIVER_ZONE = (0.2, 0.7)
-BODY_SUV = 0.2
 # Without a liver reference, hot spots exceed this multiple of the body's median SUV.
 FALLBACK_MEDIAN_FACTOR = 4.0
 MAX_HOT_SPOTS = 16
@@ -50,12 +50,6 @@ WORST_REPORTED = 5
 # `scan_descriptor`: dimensions kept of the pooled image embedding, and the seed of the projection.
 DESCRIPTOR_DIMS = 16
 DESCRIPTOR_SEED = 20261207
-
-
-def superior_axis(affine: np.ndarray) -> tuple[int, int]:
-    """(stored axis closest to the patient's head-feet direction, +1 if its index grows towards the head)."""
-    axis = int(np.argmax(np.abs(affine[2, :3])))
-    return axis, 1 if affine[2, axis] > 0 else -1
 
 
 def liver_reference(volume: PETVolume) -> dict | None:

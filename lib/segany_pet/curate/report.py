@@ -14,10 +14,10 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from segany_pet.active.audit import PAGE_STYLE, draw_figure, html_escape, html_table, pyplot_agg
 from segany_pet.curate.importer import PROBLEMS, QC_DIR, STATE, SUV_BINS
 from segany_pet.jsonfile import read_json
 from segany_pet.pet import load_nifti
+from segany_pet.report import PAGE_STYLE, draw_figure, html_escape, html_table, pyplot_agg
 
 GALLERY_CASES = 12
 LESION_VOLUME_BINS = np.geomspace(0.01, 1000.0, 31)  # mL

@@ -21,7 +21,7 @@ Layouts (``path`` is the source's root; relative paths in a config are relative 
 - ``nnunet``: ``dataset.json`` (``channel_names``, ``labels``, ``file_ending``), ``imagesTr/<case>_<channel>``
   and ``labelsTr/<case>``; ``imagesTs`` cases come in unlabeled. The PET channel is the one named PET or SUV,
   or ``channel``; ``targets`` maps dataset.json's label names.
-- ``dicom``: folders of DICOM PET series (`segany_pet.label.dicom_studies.series_folders`), converted with the
+- ``dicom``: folders of DICOM PET series (`segany_pet.pet.dicom_files.series_folders`), converted with the
   QIBA rules; ``labels``: a folder of NIfTI labels named ``<series id>.nii.gz`` (the id as in the server's
   DICOM import: the series folder's path with ``__`` between its parts).
 - ``nifti``: ``images`` and ``labels`` patterns relative to ``path`` with one ``{case}`` each, e.g.
@@ -41,7 +41,8 @@ from pathlib import Path
 import yaml
 
 from segany_pet.errors import UserInputError
-from segany_pet.phantom.anatomy import ORGAN_NAMES
+from segany_pet.pet.dicom_files import is_dicom_file, series_folders, series_id
+from segany_pet.pet.organs import ORGAN_NAMES
 
 # The target vocabulary of every curated datastore: label value of each target name. Lesions are 1 (the app's
 # and the trainer's default); organ k of the phantom atlas is 1 + k, as the default model's --organs training.
@@ -306,9 +307,6 @@ def _nnunet_cases(source: Source) -> list[Case]:
 def _dicom_cases(source: Source) -> list[Case]:
     """Series folders; a folder of DICOM-SEG files labels the series its SEGs reference (one header read per
     folder: a SEG export keeps its own series folder, as PACS exports do)."""
-
-    from segany_pet.label.dicom_studies import is_dicom_file, series_folders, series_id
-
     labels = _resolve(source.labels, source.path) if source.labels else None
     if labels is not None and not labels.is_dir():
         raise UserInputError(f"source {source.name}: labels {labels} is not a folder")

@@ -26,8 +26,8 @@ from segany_pet.evaluate.interactive import (
     touches_from_organs,
 )
 from segany_pet.pet import load_nifti
+from segany_pet.pet.organs import ORGAN_NAMES
 from segany_pet.pet.quantify import label_lesions
-from segany_pet.phantom import ORGAN_NAMES
 from segany_pet.predictor import Predictor
 
 NIFTI = ".nii.gz"

@@ -27,42 +27,17 @@ from segany_pet.errors import UserInputError
 from segany_pet.jsonfile import read_json, write_json
 from segany_pet.label.datastore import PETDatastore
 from segany_pet.pet import read_pet_series, save_nifti
+from segany_pet.pet.dicom_files import series_folders, series_id
 
 logger = logging.getLogger(__name__)
 
 REPORT = "dicom_import.json"
-ID_SEPARATOR = "__"
-DICOM_PREAMBLE = 128  # bytes before the "DICM" prefix of a DICOM Part 10 file
-SKIPPED_FOLDERS = {"labels", "logs"}  # MONAI Label's own folders inside a local datastore
-
-
-def is_dicom_file(path: Path) -> bool:
-    try:
-        with open(path, "rb") as file:
-            file.seek(DICOM_PREAMBLE)
-            return file.read(4) == b"DICM"
-    except OSError:
-        return False
-
-
-def series_folders(studies: Path) -> list[Path]:
-    """Folders under ``studies`` holding DICOM files directly (hidden folders and MONAI Label's own skipped)."""
-    found = []
-    for folder, subfolders, files in os.walk(studies):
-        subfolders[:] = sorted(d for d in subfolders if not d.startswith(".") and d not in SKIPPED_FOLDERS)
-        if Path(folder) != studies and any(is_dicom_file(Path(folder) / name) for name in files):
-            found.append(Path(folder))
-    return found
 
 
 def folder_stamp(folder: Path) -> str:
     """What changes when a series' files change: their count and newest modification time."""
     stats = [entry.stat() for entry in os.scandir(folder) if entry.is_file()]
     return f"{len(stats)}:{max((s.st_mtime_ns for s in stats), default=0)}"
-
-
-def series_id(folder: Path, studies: Path) -> str:
-    return ID_SEPARATOR.join(folder.relative_to(studies).parts)
 
 
 def import_dicom_series(datastore, studies: str | os.PathLike, state_dir: str | os.PathLike,

@@ -30,6 +30,7 @@ from scipy import ndimage
 
 from segany_pet.crops import CropGeometry
 from segany_pet.pet import PETVolume, VolumeCache
+from segany_pet.pet.volume import BODY_SUV
 from segany_pet.predictor import VolumeSession
 
 logger = logging.getLogger(__name__)
@@ -37,7 +38,6 @@ logger = logging.getLogger(__name__)
 BLOB_SIGMAS_MM = (4.0, 8.0)
 BLOB_SURROUND = 1.6  # the difference of Gaussians' surround, in widths of its centre (a Laplacian's shape)
 BLOB_CONTRAST_FLOOR_SUV = 1.0
-BODY_SUV = 0.2
 # Blobs are found on a grid of at least this voxel size (an autoPET grid, 2 x 2 x 3 mm, at 4 x 4 x 3 mm).
 BLOB_GRID_MM = 3.0
 NEIGHBOUR_MM = 4.0

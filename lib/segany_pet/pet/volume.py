@@ -27,6 +27,14 @@ MAX_PLAUSIBLE_SUV = 1000.0
 MAX_VOXELS = 2**28
 # Below this it holds a CT in Hounsfield units (air is -1000); reconstructions dip only slightly below 0.
 MIN_PLAUSIBLE_SUV = -100.0
+# Voxels above this SUV are the body (air and the table read ~0).
+BODY_SUV = 0.2
+
+
+def superior_axis(affine: np.ndarray) -> tuple[int, int]:
+    """(stored axis closest to the patient's head-feet direction, +1 if its index grows towards the head)."""
+    axis = int(np.argmax(np.abs(affine[2, :3])))
+    return axis, 1 if affine[2, axis] > 0 else -1
 
 
 @dataclass

@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import ndimage
 
+from segany_pet.pet.organs import ORGAN_LABELS, ORGAN_NAMES
+
 # ----------------------------------------------------------------------------------------------
 # Grids
 
@@ -188,29 +190,7 @@ def capsule_mask(grid: Grid, a, b, radius: float):
 
 
 # ----------------------------------------------------------------------------------------------
-# Organs
-
-ORGAN_NAMES: dict[int, str] = {
-    1: "muscle",  # all soft tissue that is not a named organ
-    2: "fat",  # subcutaneous
-    3: "brain",
-    4: "lung_left",
-    5: "lung_right",
-    6: "heart_myocardium",  # left-ventricular wall
-    7: "heart_blood",  # cardiac chambers
-    8: "aorta",
-    9: "liver",
-    10: "spleen",
-    11: "kidney_left",
-    12: "kidney_right",
-    13: "renal_pelvis",  # collecting systems, urine-filled
-    14: "bladder",
-    15: "bowel",
-    16: "bone_marrow",
-    17: "salivary_glands",
-    18: "lacrimal_glands",
-}
-ORGAN_LABELS: dict[str, int] = {name: value for value, name in ORGAN_NAMES.items()}
+# Organs (their label values: `segany_pet.pet.organs`)
 
 REF_VERTEX_Z = 945.0
 

@@ -14,7 +14,8 @@ import numpy as np
 from scipy import ndimage
 from scipy.special import erf
 
-from segany_pet.phantom.anatomy import ORGAN_LABELS, ORGAN_NAMES, Anatomy, Ellipsoid, SmoothField
+from segany_pet.pet.organs import ORGAN_LABELS, ORGAN_NAMES
+from segany_pet.phantom.anatomy import Anatomy, Ellipsoid, SmoothField
 
 # Where lesions arise, per tracer (lesions placed against a hot organ are drawn separately).
 SITE_WEIGHTS: dict[str, dict[str, float]] = {
