@@ -37,7 +37,7 @@ from benchmark_server import start_server  # noqa: E402
 from segany_pet.label.infer import OHIF_RESULT_PARAMS  # noqa: E402
 from segany_pet.label.models import DEFAULT_EMBEDDING_CACHE_MB, DEFAULT_MODEL, MODEL_DIR  # noqa: E402
 from segany_pet.label.prewarm import CACHE_SHARE, warm_up_plan  # noqa: E402
-from segany_pet.label.server import LABEL_BOX_HEADER  # noqa: E402
+from segany_pet.label.replies import LABEL_BOX_HEADER  # noqa: E402
 from segany_pet.model import load_checkpoint  # noqa: E402
 from segany_pet.pet import PETVolume, nrrd_from_label_box, save_nifti  # noqa: E402
 from segany_pet.phantom import generate_case  # noqa: E402

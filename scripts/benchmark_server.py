@@ -56,7 +56,7 @@ from playwright.sync_api import sync_playwright
 import segany_pet.label
 from segany_pet.cli import server_command, server_environment
 from segany_pet.label.infer import DEFAULT_EDGE, OHIF_RESULT_PARAMS
-from segany_pet.label.server import DEFLATE_LEVEL, LABEL_BOX_HEADER, ZSTD_LEVEL, deflate_sparse, zstd_encode
+from segany_pet.label.replies import DEFLATE_LEVEL, LABEL_BOX_HEADER, ZSTD_LEVEL, deflate_sparse, zstd_encode
 from segany_pet.model import PRESETS, build_model, load_checkpoint, save_checkpoint
 from segany_pet.pet import load_nifti, nrrd_from_label_box, save_nifti
 from segany_pet.phantom import generate_case

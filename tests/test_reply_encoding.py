@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from backports import zstd
 
-from segany_pet.label.server import ZERO_CHUNK_BYTES, accepted_codings, deflate_sparse, zstd_encode
+from segany_pet.label.replies import ZERO_CHUNK_BYTES, accepted_codings, deflate_sparse, zstd_encode
 
 
 def bodies():

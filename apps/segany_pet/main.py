@@ -22,7 +22,7 @@ from segany_pet.label.activelearning import (
 from segany_pet.label.datastore import PETDatastore, checked_name
 from segany_pet.label.dicom_studies import import_dicom_series
 from segany_pet.label.dicom_studies import summary as dicom_import_summary
-from segany_pet.label.dicomweb import PETDICOMWebDatastore, dicomweb_client
+from segany_pet.label.dicomweb import PETDICOMWebDatastore, dicomweb_client, serve_confined_dicomweb_proxy
 from segany_pet.label.infer import (
     DEFAULT_EDGE,
     LESION_LABELS,
@@ -168,7 +168,6 @@ class SegAnyPETApp(MONAILabelApp):
             serve_checked_logs,
             serve_checked_sessions,
             serve_confined_datastore,
-            serve_confined_dicomweb_proxy,
             serve_leased_strategies,
             serve_model_files,
         )

@@ -7,17 +7,22 @@ annotator's ``final`` label as a DICOM-SEG referencing the PET series through py
 default needs dcmqi, downloaded from the internet at start). The SEG is built and checked before anything is
 sent, so a failure leaves nothing half-written on the PACS. Scores, leases and label info live in the local
 cache's datastore file (PETDatastore transactions), which outlasts restarts; labels live on the PACS.
+OHIF reaches the PACS through the server's ``/proxy/dicom/`` (`serve_confined_dicomweb_proxy`).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 import time
 from pathlib import Path
 
+import anyio
 import pydicom
 import requests
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.responses import Response
 from monailabel.datastore.dicom import DICOMwebClientX, DICOMWebDatastore
 from monailabel.datastore.utils.convert import nifti_to_dicom_seg
 from monailabel.datastore.utils.dicom import dicom_web_download_series, dicom_web_upload_dcm
@@ -27,6 +32,7 @@ from pydicom.dataset import Dataset
 from segany_pet.errors import UserInputError
 from segany_pet.label.datastore import PETDatastore, checked_name
 from segany_pet.label.dicom_studies import add_converted_series
+from segany_pet.label.routes import replace_route
 from segany_pet.pet import read_pet_series
 
 logger = logging.getLogger(__name__)
@@ -152,3 +158,63 @@ def check_seg_references(seg_file: str, series_uid: str) -> None:
     referenced = [str(item.SeriesInstanceUID) for item in seg.get("ReferencedSeriesSequence", [])]
     if referenced != [series_uid]:
         raise UserInputError(f"the DICOM-SEG references series {referenced}, not {series_uid}; not stored")
+
+
+# A DICOMweb resource path as OHIF asks for it: UIDs, keywords and frame lists, no dot segments.
+DICOMWEB_PATH = re.compile(r"[A-Za-z0-9_,-]+(\.[A-Za-z0-9_,-]+)*(/[A-Za-z0-9_,-]+(\.[A-Za-z0-9_,-]+)*)*")
+PROXIED_REQUEST_HEADERS = ("accept", "content-type")  # never the client's Authorization or cookies
+PROXIED_REPLY_HEADERS = ("content-type", "content-encoding")
+PROXY_TIMEOUT_S = 120
+
+
+def serve_confined_dicomweb_proxy(app: FastAPI, studies_url: str | None) -> None:
+    """``/proxy/dicom/...`` (OHIF's way to the PACS) reaching only the PACS's DICOMweb resources.
+
+    MONAI Label's proxy joins any path to the studies URL (``../`` reached the PACS's own REST API, which can
+    delete studies or shut the PACS down) and forwards the client's headers, this server's bearer token
+    included. Here a path is a DICOMweb resource path (`DICOMWEB_PATH`) under the studies URL, only ``accept``
+    and ``content-type`` travel, POST is STOW-RS alone (``studies[/<uid>]``), the query string goes along, and
+    the request runs in a worker thread rather than on the event loop. ``studies_url``: None for a local
+    datastore (404).
+    """
+    from monailabel.config import settings
+    from monailabel.endpoints import proxy as endpoint
+
+    def forward(request: Request, op: str, path: str):
+        if studies_url is None:
+            raise HTTPException(status_code=404, detail="this server has no DICOMweb PACS behind it: its studies "
+                                                        "are a local folder")
+        if not DICOMWEB_PATH.fullmatch(path):
+            raise UserInputError(f"{path!r} is not a DICOMweb resource path such as studies/<uid>/series")
+        prefix = {"wado": settings.MONAI_LABEL_WADO_PREFIX, "qido": settings.MONAI_LABEL_QIDO_PREFIX,
+                  "stow": settings.MONAI_LABEL_STOW_PREFIX}.get(op) or ""
+        if op == "qido" and path.endswith("metadata"):  # some OHIF versions ask QIDO for WADO's metadata
+            prefix = settings.MONAI_LABEL_WADO_PREFIX or ""
+        if request.method == "POST" and not re.fullmatch(r"studies(/[0-9.]+)?", path):
+            raise HTTPException(status_code=405, headers={"Allow": "GET"},
+                                detail="only STOW-RS (POST studies) may be sent to the PACS through this server")
+        url = "/".join(part.strip("/") for part in (studies_url, prefix, path) if part)
+        headers = {key: request.headers[key] for key in PROXIED_REQUEST_HEADERS if key in request.headers}
+        username, password = settings.MONAI_LABEL_DICOMWEB_USERNAME, settings.MONAI_LABEL_DICOMWEB_PASSWORD
+        options = {"params": request.query_params.multi_items(), "headers": headers, "stream": True,
+                   "auth": (username, password) if username and password else None, "timeout": PROXY_TIMEOUT_S}
+        try:
+            if request.method == "POST":
+                body = anyio.from_thread.run(request.body)
+                reply = requests.post(url, data=body, **options)
+            else:
+                reply = requests.get(url, **options)
+        except requests.RequestException as exc:
+            raise HTTPException(status_code=502, detail=f"the PACS at {studies_url} did not answer ({exc})") from exc
+        with reply:
+            content = reply.raw.read()
+        kept = {key: reply.headers[key] for key in PROXIED_REPLY_HEADERS if key in reply.headers}
+        return Response(content=content, status_code=reply.status_code, headers=kept)
+
+    # The catch-all first: each route added goes before those added earlier (add_route_first).
+    for original, op in [(endpoint.proxy, ""), (endpoint.proxy_stow, "stow"), (endpoint.proxy_qido, "qido"),
+                         (endpoint.proxy_wado, "wado")]:
+        def replacement(request, path, user, op=op):
+            return forward(request, op, path)
+
+        replace_route(app, endpoint.router, original, replacement)

@@ -16,8 +16,6 @@ import tempfile
 import time
 from collections.abc import Iterator
 
-import anyio
-import requests
 from fastapi import FastAPI, HTTPException, Request, UploadFile
 from fastapi.responses import FileResponse, Response, StreamingResponse
 from fastapi.routing import APIRoute
@@ -459,63 +457,3 @@ def document_errors(app: FastAPI) -> None:
 
     app.openapi_schema = None
     app.openapi = openapi
-
-
-# A DICOMweb resource path as OHIF asks for it: UIDs, keywords and frame lists, no dot segments.
-DICOMWEB_PATH = re.compile(r"[A-Za-z0-9_,-]+(\.[A-Za-z0-9_,-]+)*(/[A-Za-z0-9_,-]+(\.[A-Za-z0-9_,-]+)*)*")
-PROXIED_REQUEST_HEADERS = ("accept", "content-type")  # never the client's Authorization or cookies
-PROXIED_REPLY_HEADERS = ("content-type", "content-encoding")
-PROXY_TIMEOUT_S = 120
-
-
-def serve_confined_dicomweb_proxy(app: FastAPI, studies_url: str | None) -> None:
-    """``/proxy/dicom/...`` (OHIF's way to the PACS) reaching only the PACS's DICOMweb resources.
-
-    MONAI Label's proxy joins any path to the studies URL (``../`` reached the PACS's own REST API, which can
-    delete studies or shut the PACS down) and forwards the client's headers, this server's bearer token
-    included. Here a path is a DICOMweb resource path (`DICOMWEB_PATH`) under the studies URL, only ``accept``
-    and ``content-type`` travel, POST is STOW-RS alone (``studies[/<uid>]``), the query string goes along, and
-    the request runs in a worker thread rather than on the event loop. ``studies_url``: None for a local
-    datastore (404).
-    """
-    from monailabel.config import settings
-    from monailabel.endpoints import proxy as endpoint
-
-    def forward(request: Request, op: str, path: str):
-        if studies_url is None:
-            raise HTTPException(status_code=404, detail="this server has no DICOMweb PACS behind it: its studies "
-                                                        "are a local folder")
-        if not DICOMWEB_PATH.fullmatch(path):
-            raise UserInputError(f"{path!r} is not a DICOMweb resource path such as studies/<uid>/series")
-        prefix = {"wado": settings.MONAI_LABEL_WADO_PREFIX, "qido": settings.MONAI_LABEL_QIDO_PREFIX,
-                  "stow": settings.MONAI_LABEL_STOW_PREFIX}.get(op) or ""
-        if op == "qido" and path.endswith("metadata"):  # some OHIF versions ask QIDO for WADO's metadata
-            prefix = settings.MONAI_LABEL_WADO_PREFIX or ""
-        if request.method == "POST" and not re.fullmatch(r"studies(/[0-9.]+)?", path):
-            raise HTTPException(status_code=405, headers={"Allow": "GET"},
-                                detail="only STOW-RS (POST studies) may be sent to the PACS through this server")
-        url = "/".join(part.strip("/") for part in (studies_url, prefix, path) if part)
-        headers = {key: request.headers[key] for key in PROXIED_REQUEST_HEADERS if key in request.headers}
-        username, password = settings.MONAI_LABEL_DICOMWEB_USERNAME, settings.MONAI_LABEL_DICOMWEB_PASSWORD
-        options = {"params": request.query_params.multi_items(), "headers": headers, "stream": True,
-                   "auth": (username, password) if username and password else None, "timeout": PROXY_TIMEOUT_S}
-        try:
-            if request.method == "POST":
-                body = anyio.from_thread.run(request.body)
-                reply = requests.post(url, data=body, **options)
-            else:
-                reply = requests.get(url, **options)
-        except requests.RequestException as exc:
-            raise HTTPException(status_code=502, detail=f"the PACS at {studies_url} did not answer ({exc})") from exc
-        with reply:
-            content = reply.raw.read()
-        kept = {key: reply.headers[key] for key in PROXIED_REPLY_HEADERS if key in reply.headers}
-        return Response(content=content, status_code=reply.status_code, headers=kept)
-
-    # The catch-all first: each route added goes before those added earlier (add_route_first).
-    for original, op in [(endpoint.proxy, ""), (endpoint.proxy_stow, "stow"), (endpoint.proxy_qido, "qido"),
-                         (endpoint.proxy_wado, "wado")]:
-        def replacement(request, path, user, op=op):
-            return forward(request, op, path)
-
-        replace_route(app, endpoint.router, original, replacement)

@@ -65,7 +65,7 @@ THRESHOLD_STEP = 0.01  # background-click threshold increments, as a fraction of
 _MAX_REFINEMENTS = 10
 # sized_41: below SIZED_FULL_ML the threshold fraction rises by SIZED_STEP per halving of the 41% region's
 # volume, up to SIZED_MAX_FRACTION (0.51 at 1 mL). Chosen on the tuning phantoms (one click, the app's edge; its
-# neighbours on the grid swept within 0.01 of it): model/README.md, "The sized uptake edge".
+# neighbours on the grid swept within 0.01 of it): docs/model_history.md, "The sized uptake edge".
 SIZED_FULL_ML = 4.0
 SIZED_STEP = 0.05
 SIZED_MAX_FRACTION = 0.6
