@@ -23,8 +23,9 @@ import torch
 from segany_pet.model import PRESETS, build_model
 from segany_pet.pet.volume import PETVolume
 from segany_pet.phantom import generate_case
-from segany_pet.predictor import LATENCY_KEYS, Predictor
+from segany_pet.predictor import Predictor
 from segany_pet.prompts import centre_click
+from segany_pet.session import LATENCY_KEYS
 
 GRIDS = {"4mm": "4 mm whole body", "autopet": "autoPET grid"}
 

@@ -17,7 +17,7 @@ from scipy import special
 
 from segany_pet.crops import CropGeometry, paste_logits
 from segany_pet.pet import PETVolume
-from segany_pet.predictor import Prediction, VolumeSession
+from segany_pet.session import Prediction, VolumeSession
 
 LN2 = math.log(2.0)
 

@@ -26,8 +26,8 @@ from segany_pet.crops import CropGeometry
 from segany_pet.pet import PETVolume
 from segany_pet.pet.quantify import label_in_box, mask_bounding_box
 from segany_pet.pet.volume import BODY_SUV, superior_axis
-from segany_pet.predictor import VolumeSession
 from segany_pet.prompts import centre_click
+from segany_pet.session import VolumeSession
 
 # PERCIST: measurable uptake exceeds 1.5 x liver SUVmean + 2 x liver SD (3 cm liver VOI).
 PERCIST_LIVER_FACTOR = 1.5

@@ -23,9 +23,9 @@ from segany_pet.errors import PromptError, SessionNotFoundError
 from segany_pet.label.models import ServedModel
 from segany_pet.label.prewarm import Prewarmer, volume_id
 from segany_pet.pet import VolumeCache, mask_nrrd, mask_nrrd_box, quantify, save_mask
-from segany_pet.predictor import Prediction, VolumeSession
 from segany_pet.segment.edge import EDGE_METHODS, PEAK_PROMINENCE
 from segany_pet.segment.threshold import METHODS, segment_from_clicks
+from segany_pet.session import Prediction, VolumeSession
 
 logger = logging.getLogger(__name__)
 

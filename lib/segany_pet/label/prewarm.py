@@ -31,7 +31,7 @@ from scipy import ndimage
 from segany_pet.crops import CropGeometry
 from segany_pet.pet import PETVolume, VolumeCache
 from segany_pet.pet.volume import BODY_SUV
-from segany_pet.predictor import VolumeSession
+from segany_pet.session import VolumeSession
 
 logger = logging.getLogger(__name__)
 
