@@ -12,8 +12,8 @@ each against 1.6 times its width) relative to the surround (above SUV 1; below i
 lesion in fat counts as much as a hot one in the liver; highest contrast first. Each blob is prepared for a click
 on it and at 4 mm either side along each axis (a click near a lattice boundary lands in the neighbouring crop).
 Measured on 10 phantoms (41 lesions, scripts/benchmark_prewarm.py): the crops of 56% of the lesions' centre clicks
-are among the first 120 of the plan (what 10 s encode), against 41% ranking by excess over the square root of the
-surround (Poisson-like noise).
+are among the first 120 of the plan (what 10 s encode); ranking by the excess over the square root of the surround
+(Poisson-like noise), tried first, reached 41%.
 """
 
 from __future__ import annotations
