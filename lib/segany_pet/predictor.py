@@ -26,11 +26,7 @@ from collections.abc import Callable, Iterable
 import numpy as np
 import torch
 
-from segany_pet.crops import (
-    CropGeometry,
-    crop_volume,
-    normalise,
-)
+from segany_pet.crops import CropGeometry, crop_volume, normalise
 from segany_pet.pet.volume import PETVolume
 from segany_pet.session import LATENCY_KEYS, Prediction, VolumeSession
 
