@@ -60,7 +60,8 @@ from segany_pet.active.scoring import (
     score_image,
     scoring_predictor,
 )
-from segany_pet.evaluate.interactive import evaluate_case, summarise
+from segany_pet.evaluate.interactive import evaluate_case
+from segany_pet.evaluate.report import summarise
 from segany_pet.model import load_checkpoint
 from segany_pet.model.checkpoint import save_checkpoint
 from segany_pet.pet import load_nifti

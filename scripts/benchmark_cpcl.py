@@ -46,7 +46,8 @@ import nibabel as nib
 import numpy as np
 import torch
 
-from segany_pet.evaluate.interactive import evaluate_case, summarise
+from segany_pet.evaluate.interactive import evaluate_case
+from segany_pet.evaluate.report import summarise
 from segany_pet.model import load_checkpoint
 from segany_pet.model.checkpoint import save_checkpoint
 from segany_pet.pet import load_nifti, save_nifti

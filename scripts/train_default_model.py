@@ -33,7 +33,7 @@ import torch
 from tqdm import tqdm
 
 from segany_pet.evaluate.cohort import evaluate_cohort
-from segany_pet.evaluate.interactive import markdown_table, write_report
+from segany_pet.evaluate.report import markdown_table, write_report
 from segany_pet.model import PRESETS, Preset, load_checkpoint, save_checkpoint
 from segany_pet.pet import save_nifti
 from segany_pet.pet.organs import ORGAN_NAMES

@@ -11,16 +11,13 @@ import torch
 
 from segany_pet.evaluate.interactive import (
     autopet_iv_clicks,
-    case_bootstrap_interval,
     corrective_click,
     evaluate_autopet_iv,
     evaluate_baselines,
     evaluate_case,
-    markdown_table,
-    summarise,
     touches_from_organs,
-    write_report,
 )
+from segany_pet.evaluate.report import case_bootstrap_interval, markdown_table, summarise, write_report
 from segany_pet.model import build_model
 from segany_pet.pet import PETVolume
 from segany_pet.predictor import Predictor

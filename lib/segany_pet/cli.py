@@ -91,7 +91,7 @@ def _train(train_args: list[str]) -> int:
 
 def _evaluate(args) -> int:
     from segany_pet.evaluate.cohort import evaluate_cohort
-    from segany_pet.evaluate.interactive import markdown_table, write_report
+    from segany_pet.evaluate.report import markdown_table, write_report
     from segany_pet.model import load_checkpoint
 
     cohort = Path(args.cohort) if args.cohort else None

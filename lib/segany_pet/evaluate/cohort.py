@@ -18,13 +18,8 @@ import numpy as np
 from tqdm import tqdm
 
 from segany_pet.errors import UserInputError
-from segany_pet.evaluate.interactive import (
-    evaluate_autopet_iv,
-    evaluate_baselines,
-    evaluate_case,
-    summarise,
-    touches_from_organs,
-)
+from segany_pet.evaluate.interactive import evaluate_autopet_iv, evaluate_baselines, evaluate_case, touches_from_organs
+from segany_pet.evaluate.report import summarise
 from segany_pet.pet import load_nifti
 from segany_pet.pet.organs import ORGAN_NAMES
 from segany_pet.pet.quantify import label_lesions

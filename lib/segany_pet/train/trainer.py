@@ -38,7 +38,8 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from segany_pet.errors import UserInputError
-from segany_pet.evaluate.interactive import REPORT_CLICKS, evaluate_case, summarise
+from segany_pet.evaluate.interactive import REPORT_CLICKS, evaluate_case
+from segany_pet.evaluate.report import summarise
 from segany_pet.jsonfile import write_json
 from segany_pet.model import PRESETS, Preset, Sam3D, build_model, load_checkpoint, save_checkpoint
 from segany_pet.predictor import Predictor
