@@ -40,7 +40,7 @@ from segany_pet.curate.sources import NIFTI_ENDINGS, TARGETS, Case, Source, find
 from segany_pet.errors import UserInputError
 from segany_pet.jsonfile import read_json, write_json
 from segany_pet.pet import PETVolume, load_nifti, save_nifti
-from segany_pet.pet.dicom import read_dicom_seg
+from segany_pet.pet.dicom_series import read_dicom_seg
 
 log = logging.getLogger(__name__)
 

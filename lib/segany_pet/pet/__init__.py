@@ -1,6 +1,7 @@
 """PET volumes (NIfTI, DICOM series converted to SUV) and their quantification."""
 
-from segany_pet.pet.dicom import SUVConversion, read_pet_series, suv_conversion
+from segany_pet.pet.dicom import SUVConversion, suv_conversion
+from segany_pet.pet.dicom_series import read_pet_series
 from segany_pet.pet.quantify import label_lesions, quantify
 from segany_pet.pet.volume import (
     PETVolume,

@@ -1,45 +1,27 @@
-"""Whole-body PET from a DICOM series, in SUV: the QIBA vendor-neutral conversion and the series reader.
+"""PET DICOM headers to SUV: the QIBA vendor-neutral conversion.
 
 ``suv_conversion`` turns the headers of one series into the factors that multiply its rescaled pixel values
-(stored value * RescaleSlope + RescaleIntercept, per instance) to give SUV; ``read_pet_series`` reads a folder
-holding one PET series, checks its geometry and returns a ``PETVolume`` in SUV. Each refusal names the tag or the
-files at fault and says what to fix. The rules are those of the QIBA FDG-PET/CT profile's vendor-neutral SUV
-pseudo-code; tests/test_dicom.py holds its test vectors and real vendor headers.
-
-Frames: DICOM positions are patient LPS millimetres (x towards the patient's left, y posterior, z head).
-The returned array is indexed ``suv[i, j, k]`` with
-    i = column index within a slice (steps along the row cosine of ImageOrientationPatient),
-    j = row index (steps along the column cosine),
-    k = slice, in increasing position along the slice normal (row cosine x column cosine),
-which is how NIfTI tools index a DICOM series. ``affine`` maps (i, j, k, 1) to RAS+ millimetres (NIfTI): the
-LPS affine with its x and y rows negated. Slices are ordered by geometry alone, never by file name or
-InstanceNumber, so k always runs along the normal: a NIfTI grid whose k axis runs against it, written as DICOM
-and read back, returns with k reversed (the same voxels at the same world positions).
+(stored value * RescaleSlope + RescaleIntercept, per instance) to give SUV; `segany_pet.pet.dicom_series` reads
+a folder holding one series with it. Each refusal names the tag at fault and says what to fix. The rules are
+those of the QIBA FDG-PET/CT profile's vendor-neutral SUV pseudo-code; tests/test_dicom.py holds its test
+vectors and real vendor headers.
 """
 
 from __future__ import annotations
 
 import math
-import os
-from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import date, datetime, time, timedelta
-from pathlib import Path
 
-import numpy as np
-import pydicom
 from pydicom.datadict import tag_for_keyword
 from pydicom.dataset import Dataset
-from pydicom.errors import InvalidDicomError
 from pydicom.tag import Tag
 from pydicom.valuerep import DA, DT, TM
 
 from segany_pet.errors import InvalidImageError, UserInputError
-from segany_pet.pet.volume import PETVolume
 
 PET_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.128"
-MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"  # DICOMDIR: an index of a CD export, not an image
 
 # SUV normalisations: body weight (SUVbw), lean body mass (SUL, Janmahasatian), body surface area (Du Bois).
 SUV_NORMS = ("bw", "lbm", "bsa")
@@ -58,11 +40,6 @@ WEIGHT_RANGE_KG = (1.0, 300.0)
 HEIGHT_RANGE_M = (0.3, 2.5)
 HEIGHT_IN_CM_ABOVE = 3.0  # nobody is 3 m tall: such a PatientSize was typed in centimetres
 
-# Geometry tolerances (mm). DS strings keep about 16 characters, so positions round-trip to far better than this.
-DUPLICATE_POSITION_MM = 0.01
-MISSING_SLICE_GAP = 1.5  # a step above 1.5x the median step means at least one slice is missing
-SPACING_TOLERANCE_MM = 0.01
-SPACING_TOLERANCE_SHARE = 0.01  # also allow 1% of the step (scanners round positions to 0.01-0.1 mm)
 
 
 def tag_name(keyword: str) -> str:
@@ -130,7 +107,7 @@ def suv_conversion(datasets: Dataset | Sequence[Dataset]) -> SUVConversion:
     if not datasets:
         raise ValueError("suv_conversion needs at least one dataset")
     first = datasets[0]
-    units = _required_text(first, "Units").upper()
+    units = _requiredtext_value(first, "Units").upper()
     if units not in ("BQML", "CNTS", "GML"):
         raise InvalidImageError(
             f"{tag_name('Units')} is {units!r}: SUV can be computed from BQML (Bq/mL), CNTS (Philips counts) or "
@@ -185,7 +162,7 @@ def du_bois_bsa_m2(weight_kg: float, height_m: float) -> float:
 
 def _checked_corrections(dataset: Dataset) -> str:
     """The DecayCorrection of an attenuation- and decay-corrected image; refuses anything else."""
-    decay_correction = _required_text(dataset, "DecayCorrection").upper()
+    decay_correction = _requiredtext_value(dataset, "DecayCorrection").upper()
     if decay_correction == "NONE":
         raise InvalidImageError(
             f"{tag_name('DecayCorrection')} is NONE: the image is not decay corrected and a per-frame correction "
@@ -297,7 +274,7 @@ def _scan_time(datasets: list[Dataset], warnings: list[str]) -> tuple[datetime, 
     earliest = min(acquisitions, default=None)
     if series is not None and (earliest is None or series <= earliest):
         return series, "SeriesDate/SeriesTime"
-    text = _private_text(first, GE_SCAN_DATETIME, GE_PRIVATE_CREATOR)
+    text = _privatetext_value(first, GE_SCAN_DATETIME, GE_PRIVATE_CREATOR)
     if text is not None:
         ge_scan = _parse_datetime(text, "GE private scan datetime (0009,xx0D)")
         if ge_scan is not None:
@@ -340,7 +317,7 @@ def _date_and_time(dataset: Dataset, date_keyword: str, time_keyword: str) -> da
 
 
 def _parse_date(value, keyword: str) -> date | None:
-    text = _text(value)
+    text = text_value(value)
     if text is None:
         return None
     try:
@@ -351,7 +328,7 @@ def _parse_date(value, keyword: str) -> date | None:
 
 
 def _parse_time(value, keyword: str) -> time | None:
-    text = _text(value)
+    text = text_value(value)
     if text is None:
         return None
     try:
@@ -363,7 +340,7 @@ def _parse_time(value, keyword: str) -> time | None:
 
 def _parse_datetime(value, name: str) -> datetime | None:
     """A DT value as naive local time; None when absent or holding no time of day (a date alone is no time)."""
-    text = _text(value)
+    text = text_value(value)
     if text is None:
         return None
     label = tag_name(name) if tag_for_keyword(name) else name
@@ -378,7 +355,7 @@ def _parse_datetime(value, name: str) -> datetime | None:
                     parsed.microsecond)
 
 
-def _text(value) -> str | None:
+def text_value(value) -> str | None:
     if value is None:
         return None
     if isinstance(value, bytes):
@@ -400,8 +377,8 @@ def _number(dataset: Dataset, keyword: str) -> float | None:
     return number
 
 
-def _required_text(dataset: Dataset, keyword: str) -> str:
-    text = _text(dataset.get(keyword))
+def _requiredtext_value(dataset: Dataset, keyword: str) -> str:
+    text = text_value(dataset.get(keyword))
     if text is None:
         raise InvalidImageError(f"{tag_name(keyword)} is missing: a PET image header must hold it")
     return text
@@ -430,7 +407,7 @@ def _patient_height(dataset: Dataset, warnings: list[str]) -> float | None:
     return height
 
 
-def _private_text(dataset: Dataset, tag: tuple[int, int], creator: str) -> str | None:
+def _privatetext_value(dataset: Dataset, tag: tuple[int, int], creator: str) -> str | None:
     group, offset = tag
     try:
         block = dataset.private_block(group, creator)
@@ -438,13 +415,13 @@ def _private_text(dataset: Dataset, tag: tuple[int, int], creator: str) -> str |
         return None
     if offset not in block:
         return None
-    return _text(block[offset].value)  # bytes when the VR is unknown (implicit VR files)
+    return text_value(block[offset].value)  # bytes when the VR is unknown (implicit VR files)
 
 
 def _philips_number(datasets: list[Dataset], tag: tuple[int, int], what: str) -> float | None:
     """A Philips private factor, which must be the same in every slice (one factor converts the series)."""
     label = f"Philips private ({tag[0]:04X},10{tag[1]:02X}) {what}"
-    texts = [_private_text(dataset, tag, PHILIPS_PRIVATE_CREATOR) for dataset in datasets]
+    texts = [_privatetext_value(dataset, tag, PHILIPS_PRIVATE_CREATOR) for dataset in datasets]
     if all(text is None for text in texts):
         return None
     try:
@@ -459,289 +436,3 @@ def _philips_number(datasets: list[Dataset], tag: tuple[int, int], what: str) ->
             f"{label} differs across slices ({min(values):g}..{max(values):g}); re-export the series in BQML"
         )
     return first
-
-
-# --- the series reader -----------------------------------------------------------------------------------------
-
-
-def read_pet_series(folder: str | os.PathLike, norm: str = "bw") -> PETVolume:
-    """Read the one PET series in ``folder`` (searched recursively) as SUV, float32, in the frame above.
-
-    Files that are not DICOM (no 'DICM' prefix) and a DICOMDIR are skipped; images of other modalities are
-    ignored with a warning. ``norm``: "bw" (SUVbw), "lbm" (SUL) or "bsa" (SUVbsa).
-    """
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise UserInputError(f"{folder} is not a folder: give the folder of one PET DICOM series")
-    if norm not in SUV_NORMS:
-        raise UserInputError(f"unknown SUV normalisation {norm!r}: use one of {', '.join(SUV_NORMS)}")
-    images, warnings = _read_images(folder)
-    slices = _one_pet_series(images, folder, warnings)
-    _check_slices_agree(slices, folder)
-    slices, affine = _stack(slices, folder)
-    conversion = suv_conversion(slices)
-    factor = conversion.factor(norm)
-
-    columns, rows = int(slices[0].Columns), int(slices[0].Rows)
-    suv = np.empty((columns, rows, len(slices)), dtype=np.float32)
-    for k, dataset in enumerate(slices):
-        # Rescale per instance, in float: GE and Siemens choose a slope per slice.
-        activity = _pixels(dataset, folder).astype(np.float64) * float(dataset.RescaleSlope)
-        activity += float(dataset.get("RescaleIntercept", 0.0) or 0.0)
-        suv[:, :, k] = (activity * factor).T  # pixel array is [row, column]; i is the column
-
-    warnings += conversion.warnings  # callers show them: the CLI prints them, a server logs them
-    first = slices[0]
-    meta = {
-        "source": str(folder),
-        "modality": "PT",
-        "series": {
-            "StudyInstanceUID": str(first.get("StudyInstanceUID", "")),
-            "SeriesInstanceUID": str(first.get("SeriesInstanceUID", "")),
-            "SeriesDescription": str(first.get("SeriesDescription", "")),
-            "Manufacturer": str(first.get("Manufacturer", "")),
-            "slices": len(slices),
-        },
-        "suv_norm": norm,
-        "suv_factor": factor,
-        "suv_conversion": conversion.to_dict(),
-        "warnings": warnings,
-    }
-    return PETVolume(suv=suv, affine=affine, meta=meta)
-
-
-def _relative(dataset: Dataset, folder: Path) -> str:
-    path = Path(dataset.filename)
-    try:
-        return str(path.relative_to(folder))
-    except ValueError:
-        return str(path)
-
-
-def _read_images(folder: Path) -> tuple[list[Dataset], list[str]]:
-    """Every DICOM image under ``folder``; refuses a DICOM file that is not an image."""
-    images, skipped = [], 0
-    paths = sorted(path for path in folder.rglob("*") if path.is_file())
-    for path in paths:
-        try:
-            # Pixel data is read when used: the CT of a PET/CT export in the same folder never is.
-            dataset = pydicom.dcmread(path, defer_size="64 KB")
-        except InvalidDicomError:
-            skipped += 1
-            continue
-        except Exception as exc:  # pydicom raises many types for damaged files
-            raise InvalidImageError(
-                f"{path.relative_to(folder)}: damaged DICOM file ({exc}); replace or remove it"
-            ) from exc
-        file_meta = getattr(dataset, "file_meta", Dataset())
-        sop_class = str(file_meta.get("MediaStorageSOPClassUID", "") or dataset.get("SOPClassUID", ""))
-        if sop_class == MEDIA_STORAGE_DIRECTORY:
-            continue
-        if "PixelData" not in dataset:
-            name = pydicom.uid.UID(sop_class).name if sop_class else "unknown SOP class"
-            raise InvalidImageError(
-                f"{path.relative_to(folder)}: DICOM file holds no image ({name}, modality "
-                f"{dataset.get('Modality', '?')}); move it out of the folder, which should hold one PET series"
-            )
-        images.append(dataset)
-    if not images:
-        raise InvalidImageError(
-            f"no DICOM images in {folder} ({len(paths)} files, {skipped} not DICOM Part 10 files with the 'DICM' "
-            "prefix); give the folder of a PET series"
-        )
-    warnings = [f"skipped {skipped} files that are not DICOM"] if skipped else []
-    return images, warnings
-
-
-def _one_pet_series(images: list[Dataset], folder: Path, warnings: list[str]) -> list[Dataset]:
-    modalities = Counter(str(image.get("Modality", "?")) for image in images)
-    pet = [image for image in images if image.get("Modality") == "PT"]
-    found = ", ".join(f"{modality} ({count} files)" for modality, count in sorted(modalities.items()))
-    if not pet:
-        raise InvalidImageError(f"{folder} holds no PET (modality PT) images, only {found}; give the PET series")
-    if len(pet) < len(images):
-        warnings.append(f"ignored the images of other modalities (found {found})")
-    series = Counter(str(image.get("SeriesInstanceUID", "")) for image in pet)
-    if len(series) > 1:
-        descriptions = {str(image.get("SeriesInstanceUID", "")): image.get("SeriesDescription", "") for image in pet}
-        listing = "; ".join(f"{uid} '{descriptions[uid]}' ({count} files)" for uid, count in sorted(series.items()))
-        raise InvalidImageError(
-            f"{folder} holds {len(series)} PET series: {listing}; pass the folder of one series"
-        )
-    return pet
-
-
-SLICE_TAGS = ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing", "Rows", "Columns", "RescaleSlope")
-
-
-def _check_slices_agree(slices: list[Dataset], folder: Path) -> None:
-    """Every slice has the tags the volume needs, and they agree where they must."""
-    for dataset in slices:
-        for keyword in SLICE_TAGS:
-            if _text(dataset.get(keyword)) is None:
-                raise InvalidImageError(f"{_relative(dataset, folder)}: {tag_name(keyword)} is missing")
-        if int(dataset.get("NumberOfFrames", 1) or 1) > 1:
-            raise InvalidImageError(
-                f"{_relative(dataset, folder)}: a multi-frame (enhanced) PET file; export the series as one file "
-                "per slice"
-            )
-    _check_same(slices, folder, "Units", lambda dataset: str(dataset.get("Units", "")).strip().upper())
-    _check_same(slices, folder, "Rows", lambda dataset: int(dataset.Rows))
-    _check_same(slices, folder, "Columns", lambda dataset: int(dataset.Columns))
-    _check_same(slices, folder, "PixelSpacing", lambda dataset: tuple(np.round(_floats(dataset.PixelSpacing), 4)))
-    _check_same(
-        slices, folder, "ImageOrientationPatient",
-        lambda dataset: tuple(np.round(_floats(dataset.ImageOrientationPatient), 4)),
-    )
-
-
-def _check_same(slices: list[Dataset], folder: Path, keyword: str, value_of) -> None:
-    values = Counter(value_of(dataset) for dataset in slices)
-    if len(values) > 1:
-        listing = ", ".join(f"{value} ({count} files)" for value, count in values.most_common())
-        odd = next(dataset for dataset in slices if value_of(dataset) != values.most_common(1)[0][0])
-        raise InvalidImageError(
-            f"{tag_name(keyword)} differs across the slices of one series: {listing} (e.g. "
-            f"{_relative(odd, folder)}); re-export the series"
-        )
-
-
-def _floats(values) -> np.ndarray:
-    return np.array([float(value) for value in values], dtype=np.float64)
-
-
-def _stack(slices: list[Dataset], folder: Path) -> tuple[list[Dataset], np.ndarray]:
-    """Slices sorted along their normal, checked for gaps and duplicates, and the RAS+ affine of the stack."""
-    if len(slices) < 2:
-        raise InvalidImageError(f"{folder} holds a single PET slice: a 3D volume needs the whole series")
-    orientation = _floats(slices[0].ImageOrientationPatient)
-    row_cosine, column_cosine = orientation[:3], orientation[3:]
-    if (
-        abs(np.linalg.norm(row_cosine) - 1) > 1e-3
-        or abs(np.linalg.norm(column_cosine) - 1) > 1e-3
-        or abs(row_cosine @ column_cosine) > 1e-3
-    ):
-        raise InvalidImageError(
-            f"{tag_name('ImageOrientationPatient')} = {orientation.tolist()} is not two orthogonal unit vectors"
-        )
-    normal = np.cross(row_cosine, column_cosine)
-    positions = np.array([_floats(dataset.ImagePositionPatient) for dataset in slices])
-    along = positions @ normal
-    order = np.argsort(along, kind="stable")
-    slices, positions, along = [slices[n] for n in order], positions[order], along[order]
-
-    steps = np.diff(along)
-    duplicates = np.flatnonzero(steps < DUPLICATE_POSITION_MM)
-    if duplicates.size:
-        shown = ", ".join(
-            f"{along[n]:.2f} mm ({_relative(slices[n], folder)}, {_relative(slices[n + 1], folder)})"
-            for n in duplicates[:5]
-        )
-        raise InvalidImageError(
-            f"{duplicates.size} slices repeat a position along the slice normal: {shown}; a dynamic or gated "
-            "series holds several frames per position: export one frame (or remove duplicated files)"
-        )
-    step = float(np.median(steps))
-    gaps = np.flatnonzero(steps > MISSING_SLICE_GAP * step)
-    if gaps.size:
-        shown = ", ".join(f"{along[n]:.2f} to {along[n + 1]:.2f} mm" for n in gaps[:5])
-        raise InvalidImageError(
-            f"missing slices: the slice position jumps from {shown} (slice spacing elsewhere {step:.3g} mm); "
-            "re-export the complete series"
-        )
-    tolerance = max(SPACING_TOLERANCE_MM, SPACING_TOLERANCE_SHARE * step)
-    uneven = np.flatnonzero(np.abs(steps - step) > tolerance)
-    if uneven.size:
-        shown = ", ".join(f"{steps[n]:.3f} mm after {along[n]:.2f} mm" for n in uneven[:5])
-        raise InvalidImageError(
-            f"slice spacing is uneven (median {step:.3f} mm; {shown}); resample the series to a regular grid"
-        )
-    offsets = positions - positions[0]
-    in_plane = np.abs(np.stack([offsets @ row_cosine, offsets @ column_cosine])).max()
-    if in_plane > tolerance:
-        raise InvalidImageError(
-            f"slices are not stacked along their normal ({tag_name('ImagePositionPatient')} shifts up to "
-            f"{in_plane:.3f} mm within the slice plane: gantry tilt or a sheared series); resample it first"
-        )
-
-    row_spacing, column_spacing = _floats(slices[0].PixelSpacing)  # between rows, between columns
-    lps = np.eye(4)
-    lps[:3, 0] = row_cosine * column_spacing  # i: the column index steps along a row
-    lps[:3, 1] = column_cosine * row_spacing  # j: the row index steps along a column
-    lps[:3, 2] = (positions[-1] - positions[0]) / (len(slices) - 1)
-    lps[:3, 3] = positions[0]
-    return slices, np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps
-
-
-def _pixels(dataset: Dataset, folder: Path) -> np.ndarray:
-    try:
-        pixels = dataset.pixel_array
-    except Exception as exc:  # missing decoder plugins, truncated data: many types
-        syntax = getattr(dataset, "file_meta", Dataset()).get("TransferSyntaxUID")
-        raise InvalidImageError(
-            f"{_relative(dataset, folder)}: pixel data cannot be decoded ({exc}; transfer syntax "
-            f"{syntax.name if syntax else 'unknown'}); decompress the series (e.g. gdcmconv --raw) and retry"
-        ) from exc
-    if pixels.shape != (int(dataset.Rows), int(dataset.Columns)):
-        raise InvalidImageError(
-            f"{_relative(dataset, folder)}: pixel data of shape {pixels.shape} is not Rows x Columns; "
-            "replace the file"
-        )
-    return pixels
-
-
-# ----------------------------------------------------------------------------------------------
-# DICOM-SEG labels
-
-
-SEG_GRID_TOLERANCE = 0.01  # voxel units: a SEG voxel centre must lie this close to an image voxel centre
-
-
-def read_dicom_seg(path: str | os.PathLike, volume: PETVolume) -> np.ndarray:
-    """A DICOM-SEG (segment numbers as label values) on ``volume``'s grid, uint16 in its stored order.
-
-    The SEG's frames may cover part of the series (empty frames are often left out) and may be stored in
-    another axis order; each SEG voxel centre must fall on an image voxel centre, else the SEG was drawn on
-    another grid and is refused.
-    """
-    import pydicom_seg
-    import SimpleITK as sitk
-
-    name = Path(path).name
-    try:
-        seg = pydicom_seg.MultiClassReader().read(pydicom.dcmread(path)).image
-    except Exception as exc:  # pydicom and pydicom-seg raise many types for damaged or unsupported files
-        raise InvalidImageError(f"DICOM-SEG {name}: cannot be read ({exc}); export it again as a labelmap or "
-                                "binary SEG of the PET series") from exc
-    grid = _itk_grid(volume)
-    corner = np.asarray(grid.TransformPhysicalPointToContinuousIndex(seg.TransformIndexToPhysicalPoint((0, 0, 0))))
-    steps = [np.asarray(grid.TransformPhysicalPointToContinuousIndex(seg.TransformIndexToPhysicalPoint(unit)))
-             - corner for unit in ((1, 0, 0), (0, 1, 0), (0, 0, 1))]
-    aligned = np.abs(corner - np.round(corner)).max() < SEG_GRID_TOLERANCE and all(
-        np.abs(np.abs(step) - np.round(np.abs(step))).max() < SEG_GRID_TOLERANCE
-        and np.isclose(np.abs(step).sum(), 1.0, atol=SEG_GRID_TOLERANCE) for step in steps)
-    if not aligned:
-        raise InvalidImageError(f"DICOM-SEG {name}: grid mismatch, its voxels do not fall on the PET series' "
-                                f"voxels (SEG voxel 0 at PET index {np.round(corner, 3).tolist()}); give a SEG of "
-                                "this series")
-    placed = sitk.Resample(seg, grid, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt16)
-    label = np.asfortranarray(sitk.GetArrayFromImage(placed).transpose(2, 1, 0))
-    drawn, kept = int(np.count_nonzero(sitk.GetArrayViewFromImage(seg))), int(np.count_nonzero(label))
-    if kept != drawn:
-        raise InvalidImageError(f"DICOM-SEG {name}: grid mismatch, {drawn - kept} of its {drawn} segment voxels lie "
-                                "outside the PET series; give a SEG of this series")
-    return label
-
-
-def _itk_grid(volume: PETVolume):
-    """An empty SimpleITK image on ``volume``'s grid: ITK indexes (i, j, k) like the stored array and measures
-    in LPS, so the affine's first two rows change sign."""
-    import SimpleITK as sitk
-
-    columns = np.diag([-1.0, -1.0, 1.0]) @ volume.affine[:3, :3]
-    spacing = np.linalg.norm(columns, axis=0)
-    grid = sitk.Image([int(n) for n in volume.shape], sitk.sitkUInt8)
-    grid.SetSpacing(spacing.tolist())
-    grid.SetDirection((columns / spacing).flatten().tolist())
-    grid.SetOrigin((np.diag([-1.0, -1.0, 1.0]) @ volume.affine[:3, 3]).tolist())
-    return grid
