@@ -7,9 +7,9 @@ import dataclasses
 import numpy as np
 import torch
 
-from segany_pet.label.prewarm import uptake_blobs, warm_up_plan
+from segany_pet.label.prewarm import Prewarmer, uptake_blobs, warm_up_plan
 from segany_pet.model import PRESETS, build_model
-from segany_pet.pet.volume import PETVolume
+from segany_pet.pet.volume import PETVolume, VolumeCache
 from segany_pet.predictor import Predictor
 
 SMALL = dataclasses.replace(PRESETS["segany_pet_small"], spacing_mm=3.0)
@@ -45,3 +45,14 @@ def test_the_plan_holds_a_click_at_each_lesion_within_its_limit():
         assert set(session.click_crops([centre.tolist()])) <= set(plan)
     assert len(plan) == len(set(plan))
     assert warm_up_plan(session, limit=3) == plan[:3]
+
+
+def test_only_the_datastores_scans_are_warmed(tmp_path):
+    studies = tmp_path / "studies"
+    (studies / "nested").mkdir(parents=True)
+    prewarmer = Prewarmer(served=None, volumes=VolumeCache(), scans_root=studies)
+    assert prewarmer.serves(str(studies / "case.nii.gz")) and prewarmer.serves(str(studies / "nested" / "a.nii"))
+    assert not prewarmer.serves(str(tmp_path / "upload.nii.gz"))
+    assert not prewarmer.serves(str(studies / ".." / "upload.nii.gz"))
+    prewarmer.scan_served(str(tmp_path / "upload.nii.gz"))  # an upload: nothing starts
+    assert prewarmer.describe() == {"state": "idle"}

@@ -94,9 +94,13 @@ class SegAnyPETApp(MONAILabelApp):
         self.annotation_sessions = AnnotationSessions(capacity=capacity)
         self.local = not studies.startswith(("http://", "https://"))
         self.state_dir = Path(studies) / STATE_DIR if self.local else Path(app_dir) / STATE_DIR
+        self.dicomweb_cache = None if self.local else Path(conf.get("dicomweb_cache") or self.state_dir / "dicomweb")
         cache_mb = conf_number(conf, "embedding_cache_mb", DEFAULT_EMBEDDING_CACHE_MB, low=16, high=1 << 20)
         self.served_model = served_model_for(self.state_dir, conf.get("model"), conf.get("inference_dtype"), cache_mb)
-        self.prewarmer = Prewarmer(self.served_model, self.volumes) if conf_flag(conf, "prewarm", True) else None
+        # Only the datastore's scans are warmed: an upload is read once and removed.
+        scans_root = Path(studies) if self.local else self.dicomweb_cache
+        self.prewarmer = Prewarmer(self.served_model, self.volumes, scans_root) if conf_flag(conf, "prewarm", True) \
+            else None
         super().__init__(
             app_dir=app_dir,
             studies=studies,
@@ -111,8 +115,7 @@ class SegAnyPETApp(MONAILabelApp):
     def init_datastore(self):
         if not self.local:
             # MONAI Label's own would download dcmqi from the internet, list CT only and leave Bq/mL.
-            cache = self.conf.get("dicomweb_cache") or self.state_dir / "dicomweb"
-            return PETDICOMWebDatastore(dicomweb_client(self.studies), cache_path=cache)
+            return PETDICOMWebDatastore(dicomweb_client(self.studies), cache_path=self.dicomweb_cache)
         # Only NIfTI: MONAI Label's default list (PNG, SVS, ...) would show files no task can read. Writes from
         # the server and its training subprocesses must not overwrite each other: PETDatastore.
         return PETDatastore(

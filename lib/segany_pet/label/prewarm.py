@@ -24,6 +24,7 @@ import threading
 import time
 import weakref
 from collections import OrderedDict
+from pathlib import Path
 
 import numpy as np
 from scipy import ndimage
@@ -87,14 +88,16 @@ class Prewarmer:
     """Encodes a served scan's likely click crops in one background thread, newest scan first.
 
     ``scan_served(path)`` is called when a client is handed a scan (an image download, a strategy's answer, a
-    click): it returns at once. A newer scan takes the thread over from an older one (its client moved on; the
-    crops already encoded stay cached, and the older scan is warmed again when it is served again). Clicks always
-    go first (`Predictor.prefetch`).
+    click): it returns at once, and does nothing for a file outside ``scans_root`` (the datastore's folder: an
+    uploaded scan is read once and removed, and warming it would only evict other scans' crops). A newer scan
+    takes the thread over from an older one (its client moved on; the crops already encoded stay cached, and the
+    older scan is warmed again when it is served again). Clicks always go first (`Predictor.prefetch`).
     """
 
-    def __init__(self, served, volumes: VolumeCache):
+    def __init__(self, served, volumes: VolumeCache, scans_root: str | os.PathLike):
         self.served = served
         self.volumes = volumes
+        self.scans_root = Path(scans_root).resolve()
         self._pending: str | None = None
         self._current: str | None = None
         self._warmed: OrderedDict[str, None] = OrderedDict()  # volume ids warmed to the end of their plan ...
@@ -103,7 +106,13 @@ class Prewarmer:
         self._wake = threading.Condition()
         self._thread: threading.Thread | None = None
 
+    def serves(self, image_path: str) -> bool:
+        """Whether ``image_path`` is a datastore scan, so worth warming."""
+        return Path(image_path).resolve().is_relative_to(self.scans_root)
+
     def scan_served(self, image_path: str) -> None:
+        if not self.serves(image_path):
+            return
         with self._wake:
             if image_path in (self._current, self._pending):
                 return
